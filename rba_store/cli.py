@@ -1,0 +1,284 @@
+"""The ``rba-store`` command line: parse options, call the library, print a summary.
+
+Errors on bad input become one line on stderr and a non-zero exit code; ``--verbose`` (anywhere on
+the command line) adds the traceback and INFO logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from rba_store.errors import RBAStoreError
+
+app = typer.Typer(
+    name="rba-store",
+    help="Find and replace redundant blocks of neural networks from an activation store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class Tokens(str, Enum):
+    all = "all"
+    cls = "cls"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+class Codec(str, Enum):
+    blosc_zstd = "blosc-zstd"
+    zstd = "zstd"
+    blosc_lz4 = "blosc-lz4"
+    none = "none"
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show tracebacks and progress logging.")
+    ] = False,
+) -> None:
+    """rba-store: extract activations once, then analyse them out of core."""
+
+
+def _default_out(model: str | None, data: str, split: str | None) -> Path:
+    from rba_store.default_model import MODEL_NAME
+
+    stem = "_".join(x for x in (model or MODEL_NAME, Path(data).stem, split) if x)
+    return Path("runs") / (re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) + ".zarr")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr (images/s, MB/s, ETA); silent when stderr is not a terminal."""
+
+    def __init__(self, total: int, done: int, label: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self.enabled = console.is_terminal
+        self.start = time.perf_counter()
+        self.samples = self.nbytes = 0
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.enabled,
+        )
+        self.task = self.progress.add_task(label, total=total, completed=done, rate="")
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def __call__(self, samples: int, nbytes: int) -> None:
+        self.samples += samples
+        self.nbytes += nbytes
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = f"{self.samples / elapsed:,.0f} img/s {self.nbytes / elapsed / 2**20:,.1f} MB/s"
+        self.progress.update(self.task, advance=samples, rate=rate)
+
+
+@app.command()
+def extract(
+    model: Annotated[
+        str | None, typer.Option(help="timm model name; the embedded default when omitted.")
+    ] = None,
+    data: Annotated[
+        str, typer.Option(help="'digits', an image folder, or a .npz file with an array 'x'.")
+    ] = "digits",
+    out: Annotated[
+        Path | None, typer.Option(help="Store directory [default: runs/<model>_<data>.zarr].")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Local weights: a state dict (.pth) or .safetensors.")
+    ] = None,
+    pretrained: Annotated[
+        bool, typer.Option(help="Load timm's pretrained weights (hub or local cache).")
+    ] = False,
+    split: Annotated[
+        str | None, typer.Option(help="Data split: train/test (digits), a sub-folder name.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
+    tokens: Annotated[Tokens, typer.Option(help="Store all tokens, or the class token only.")] = (
+        Tokens.all
+    ),
+    dtype: Annotated[DType, typer.Option(help="Stored dtype.")] = DType.float32,
+    codec: Annotated[Codec, typer.Option(help="Compression codec (lossless).")] = Codec.blosc_zstd,
+    clevel: Annotated[int, typer.Option(help="Compression level.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")] = "cpu",
+    chunk_mb: Annotated[float, typer.Option(help="Target chunk size in MB.")] = 4.0,
+    shard_mb: Annotated[float, typer.Option(help="Target shard (write unit) size in MB.")] = 32.0,
+    chunk_samples: Annotated[
+        int | None, typer.Option(help="Samples per chunk (overrides --chunk-mb).")
+    ] = None,
+    shard_samples: Annotated[
+        int | None, typer.Option(help="Samples per shard, a multiple of the chunk.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the store's size and memory per batch; write nothing.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing store made with another configuration.")
+    ] = False,
+) -> None:
+    """Run a model over a data set and store the residual stream after every block."""
+    from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
+    from rba_store.schema import completed_shards, is_store, open_store
+
+    options = ExtractOptions(
+        model=model,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        data=data,
+        split=split,
+        limit=limit,
+        tokens=tokens.value,
+        dtype=dtype.value,
+        codec=codec.value,
+        clevel=clevel,
+        batch_size=batch_size,
+        device=device,
+        chunk_mb=chunk_mb,
+        shard_mb=shard_mb,
+        chunk_samples=chunk_samples,
+        shard_samples=shard_samples,
+    )
+    out = out or _default_out(model, data, split)
+    plan = plan_extraction(options)
+    layout = plan.layout
+    point = layout.points[0]
+    shape = f"{layout.n_samples} x {point.n_tokens} tokens x {point.n_channels} channels"
+    if dry_run:
+        sizes = plan.sizes()
+        typer.echo(
+            f"dry run: {plan.loaded.name} on {plan.description['data']['source']} -> {out}\n"
+            f"  arrays      h0..h{layout.n_blocks} of {shape}, {layout.dtype}, tokens={options.tokens}\n"
+            f"  layout      {layout.chunk_samples} samples/chunk, {layout.shard_samples} "
+            f"samples/shard, {layout.n_shards} shards, codec {layout.codec}\n"
+            f"  store size  {_mb(sizes['store_bytes_raw'])} uncompressed (lossless codecs save "
+            "10-20% on float activations)\n"
+            f"  memory      {_mb(sizes['batch_activation_bytes'])} per batch of "
+            f"{min(batch_size, layout.shard_samples)} (float32), {_mb(sizes['shard_buffer_bytes'])} "
+            f"per shard buffer, about {_mb(sizes['peak_bytes_estimate'])} in all\n"
+            "  nothing was written"
+        )
+        return
+    done = 0
+    if is_store(out) and not overwrite:
+        done_mask = completed_shards(open_store(out))
+        done = sum(
+            b - a
+            for i, (a, b) in enumerate(map(layout.shard_rows, range(layout.n_shards)))
+            if i < len(done_mask) and done_mask[i]
+        )
+    with _ProgressBar(layout.n_samples, done, "extract") as bar:
+        result = run_extraction(plan, out, overwrite=overwrite, progress=bar)
+    from rba_store.info import store_info
+
+    info = store_info(out)
+    rate = result.samples_written / result.seconds if result.seconds > 0 else 0.0
+    if result.resumed and result.shards_written == 0:
+        head = f"{out} is already complete ({layout.n_shards} shards); nothing to do"
+    else:
+        resumed = (
+            f" (resumed: {layout.n_shards - result.shards_written} of {layout.n_shards} shards "
+            "were already complete)"
+            if result.resumed
+            else ""
+        )
+        head = (
+            f"extracted {result.samples_written} samples in {result.seconds:.1f} s "
+            f"({rate:,.0f} img/s) into {out}{resumed}"
+        )
+    ratio = info["compression_ratio"]
+    typer.echo(
+        f"{head}\n  h0..h{layout.n_blocks}: {shape}, {layout.dtype}; stored "
+        f"{_mb(info['bytes_stored'])} of {_mb(info['bytes_raw'])} raw"
+        + (f" (ratio {ratio:.3f})" if ratio else "")
+    )
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Shapes, dtype, codec, bytes stored vs raw, completeness and provenance of a store."""
+    from rba_store.info import format_info, store_info
+
+    summary = store_info(store)
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_info(summary))
+
+
+def _error(message: str, code: int) -> int:
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    print(f"rba-store: error: {first}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (never raises on bad input)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("--verbose", "-v") for a in args)
+    if verbose:  # accepted anywhere on the line, passed to the root callback
+        args = ["--verbose", *(a for a in args if a not in ("--verbose", "-v"))]
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result: Any = app(args=args, prog_name="rba-store", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        print(e.format_message() if hasattr(e, "format_message") else "", file=sys.stderr)
+        return EXIT_USAGE
+    except click.UsageError as e:
+        hint = f" (see 'rba-store {e.ctx.info_name} --help')" if e.ctx and e.ctx.parent else ""
+        return _error(e.format_message() + hint, EXIT_USAGE)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return _error("interrupted; re-run the same command to resume", EXIT_INTERRUPTED)
+    except (RBAStoreError, OSError) as e:
+        if verbose:
+            traceback.print_exc()
+        return _error(str(e), EXIT_ERROR)
+    except Exception as e:  # a bug: say so in one line, the traceback with --verbose
+        if verbose:
+            traceback.print_exc()
+        return _error(
+            f"internal error {type(e).__name__}: {e} (re-run with --verbose for the traceback "
+            "and report it)",
+            EXIT_ERROR,
+        )
+    return result if isinstance(result, int) else 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The exception hierarchy of rba-store.
+
+Every error the library raises on bad input derives from :class:`RBAStoreError` and from the
+builtin that best describes it, so callers can catch either. The CLI turns them into one line on
+stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+
+class RBAStoreError(Exception):
+    """Base class of every error raised by rba-store on bad input or a bad store."""
+
+
+class UsageError(RBAStoreError, ValueError):
+    """An option or argument has a value that cannot work."""
+
+
+class DataSourceError(RBAStoreError, ValueError):
+    """A data source is missing, empty or holds an unreadable sample."""
+
+
+class ModelError(RBAStoreError, ValueError):
+    """A model cannot be built, its weights cannot be loaded, or its blocks cannot be found."""
+
+
+class StoreError(RBAStoreError, OSError):
+    """A path is not an rba-store store, or the store is unreadable or from a newer format."""
+
+
+class ConfigMismatchError(RBAStoreError, ValueError):
+    """An existing store was made with a different configuration than the one asked for."""
+
+
+class IncompleteStoreError(RBAStoreError, ValueError):
+    """A store has shards that were never written (an interrupted extraction)."""
