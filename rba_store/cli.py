@@ -138,7 +138,7 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")] = "cpu",
     chunk_mb: Annotated[float, typer.Option(help="Target chunk size in MB.")] = 4.0,
-    shard_mb: Annotated[float, typer.Option(help="Target shard (write unit) size in MB.")] = 32.0,
+    shard_mb: Annotated[float, typer.Option(help="Target shard (write unit) size in MB.")] = 16.0,
     chunk_samples: Annotated[
         int | None, typer.Option(help="Samples per chunk (overrides --chunk-mb).")
     ] = None,
@@ -183,14 +183,16 @@ def extract(
         sizes = plan.sizes()
         typer.echo(
             f"dry run: {plan.loaded.name} on {plan.description['data']['source']} -> {out}\n"
-            f"  arrays      h0..h{layout.n_blocks} of {shape}, {layout.dtype}, tokens={options.tokens}\n"
+            f"  arrays      h0..h{layout.n_blocks} of {shape}, {layout.dtype}, "
+            f"tokens={options.tokens}\n"
             f"  layout      {layout.chunk_samples} samples/chunk, {layout.shard_samples} "
             f"samples/shard, {layout.n_shards} shards, codec {layout.codec}\n"
             f"  store size  {_mb(sizes['store_bytes_raw'])} uncompressed (lossless codecs save "
             "10-20% on float activations)\n"
             f"  memory      {_mb(sizes['batch_activation_bytes'])} per batch of "
-            f"{min(batch_size, layout.shard_samples)} (float32), {_mb(sizes['shard_buffer_bytes'])} "
-            f"per shard buffer, about {_mb(sizes['peak_bytes_estimate'])} in all\n"
+            f"{min(batch_size, layout.shard_samples)} (float32), "
+            f"{_mb(sizes['shard_buffer_bytes'])} per shard buffer, "
+            f"about {_mb(sizes['peak_bytes_estimate'])} in all\n"
             "  nothing was written"
         )
         return

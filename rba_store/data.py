@@ -294,7 +294,8 @@ def open_source(spec: str, split: str | None = None, limit: int | None = None) -
             source = NpzSource(path, split)
         elif not path.exists():
             raise DataSourceError(
-                f"data source {spec!r} does not exist; pass 'digits', an image folder or a .npz file"
+                f"data source {spec!r} does not exist; "
+                "pass 'digits', an image folder or a .npz file"
             )
         else:
             raise DataSourceError(

@@ -53,7 +53,7 @@ class ExtractOptions:
     batch_size: int = 64
     device: str = "cpu"
     chunk_mb: float = 4.0
-    shard_mb: float = 32.0
+    shard_mb: float = 16.0
     chunk_samples: int | None = None
     shard_samples: int | None = None
 

@@ -1,4 +1,4 @@
-"""Building models (timm names, local checkpoints, the embedded default) and finding their blocks."""
+"""Building models (timm names, local checkpoints, the embedded default); finding their blocks."""
 
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def plan_layout(
     codec: str = "blosc-zstd",
     clevel: int = 3,
     chunk_mb: float = 4.0,
-    shard_mb: float = 32.0,
+    shard_mb: float = 16.0,
     chunk_samples: int | None = None,
     shard_samples: int | None = None,
 ) -> StoreLayout:
