@@ -36,7 +36,7 @@ SAMPLE_DIM = "sample"
 CODECS = ("blosc-zstd", "zstd", "blosc-lz4", "none")
 DTYPES = ("float32", "float16")
 # Keys of the attributes that describe a run rather than the extraction: not fingerprinted.
-_UNFINGERPRINTED = ("fingerprint", "created")
+_UNFINGERPRINTED = ("fingerprint", "run")
 
 
 def h_name(point_idx: int) -> str:

@@ -1,0 +1,42 @@
+"""Shared fixtures: offline hub, a cache for the embedded default's weights, small stores."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# No network in tests: timm's hub lookups fail fast instead of retrying for ~46 s.
+os.environ["HF_HUB_OFFLINE"] = "1"
+# The embedded default is trained once (about a minute) and cached; reuse a cache if one is set.
+os.environ.setdefault("RBA_STORE_CACHE", str(Path(tempfile.gettempdir()) / "rba-store-test-cache"))
+
+
+def tree_digest(path: Path) -> str:
+    """sha256 over every file (name and bytes) below ``path``: proves a store was not touched."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def default_weights() -> Path:
+    from rba_store.default_model import ensure_default_weights
+
+    return ensure_default_weights()
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory: pytest.TempPathFactory, default_weights: Path) -> Path:
+    """The embedded default on 50 digits, ragged batches (16) and shards (20 samples)."""
+    from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
+
+    out = tmp_path_factory.mktemp("stores") / "small.zarr"
+    options = ExtractOptions(limit=50, batch_size=16, chunk_samples=10, shard_samples=20)
+    run_extraction(plan_extraction(options), out)
+    return out
