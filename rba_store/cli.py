@@ -16,8 +16,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from rba_store.errors import RBAStoreError
 
@@ -258,13 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result: Any = app(args=args, prog_name="rba-store", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:
-        print(e.format_message() if hasattr(e, "format_message") else "", file=sys.stderr)
-        return EXIT_USAGE
-    except click.UsageError as e:
-        hint = f" (see 'rba-store {e.ctx.info_name} --help')" if e.ctx and e.ctx.parent else ""
-        return _error(e.format_message() + hint, EXIT_USAGE)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except TyperException as e:  # usage errors from parsing (typer's vendored click)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # type: ignore[attr-defined]
+            return EXIT_USAGE
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see 'rba-store {ctx.info_name} --help')" if ctx and ctx.parent else ""
+        message = e.format_message().replace(": Value error, ", ": ")  # typer's wording
+        return _error(message + hint, EXIT_USAGE)
+    except (typer.Abort, KeyboardInterrupt):
         return _error("interrupted; re-run the same command to resume", EXIT_INTERRUPTED)
     except (RBAStoreError, OSError) as e:
         if verbose:

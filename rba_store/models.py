@@ -71,7 +71,7 @@ def find_blocks(model: nn.Module, model_name: str = "model") -> list[tuple[str, 
                 found += [(f"stages.{s_idx}.blocks.{i}", b) for i, b in enumerate(inner)]
         if found:
             return found
-    layers = [(n, getattr(model, n)) for n in ("layer1", "layer2", "layer3", "layer4")]
+    layers = [(n, getattr(model, n, None)) for n in ("layer1", "layer2", "layer3", "layer4")]
     if all(isinstance(m, nn.Sequential) for _, m in layers):
         return [(f"{n}.{i}", b) for n, layer in layers for i, b in enumerate(layer)]
     raise ModelError(

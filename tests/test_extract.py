@@ -131,7 +131,11 @@ def test_checkpoint_weights_and_register_tokens(tmp_path: Path) -> None:
     group = zarr.open_group(str(out), mode="r", use_consolidated=False)
     assert_close(group["features"][:], features)
     weights = group.attrs["rba_store"]["model"]["weights"]
-    assert weights == {"source": "checkpoint", "path": str(checkpoint), "sha256": sha256_file(checkpoint)}
+    assert weights == {
+        "source": "checkpoint",
+        "path": str(checkpoint),
+        "sha256": sha256_file(checkpoint),
+    }
 
 
 def test_safetensors_checkpoint_is_loaded(tmp_path: Path) -> None:
@@ -182,7 +186,9 @@ def test_staged_models_are_supported() -> None:
     assert len(plan.layout.points) == len(plan.loaded.block_names) + 1
 
 
-def test_interrupted_extraction_resumes_to_identical_store(tmp_path: Path, small_store: Path) -> None:
+def test_interrupted_extraction_resumes_to_identical_store(
+    tmp_path: Path, small_store: Path
+) -> None:
     options = ExtractOptions(limit=50, batch_size=16, chunk_samples=10, shard_samples=20)
     plan = plan_extraction(options)
     real_load = plan.source.load
@@ -231,7 +237,7 @@ def test_overwrite_replaces_store_but_never_a_foreign_folder(tmp_path: Path) -> 
 
 
 def test_cls_needs_a_class_token() -> None:
-    with pytest.raises(ModelError, match="--tokens cls needs a class token.*test_vit2"):
+    with pytest.raises(ModelError, match=r"--tokens cls needs a class token.*test_vit2"):
         plan_extraction(ExtractOptions(model="test_vit2", tokens="cls", limit=2))
 
 

@@ -1,0 +1,93 @@
+"""Data sources: digits split, image folders (classes, splits, unlabelled), .npz arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rba_store.data import DigitsSource, open_source
+from rba_store.errors import DataSourceError
+
+
+def identity(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32))
+
+
+def save_png(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((4, 4), value, np.uint8)).save(path)
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint() -> None:
+    train, test = DigitsSource("train"), DigitsSource("test")
+    assert (len(train), len(test)) == (1437, 360)
+    assert not set(train.sample_ids) & set(test.sample_ids)
+    assert np.bincount(test.labels).min() >= 35  # stratified: every digit is in the test split
+    assert DigitsSource("train").sample_ids == train.sample_ids  # seeded
+    first = train.load(0, 1, identity)[0]
+    assert first.shape == (8, 8) and float(first.max()) <= 255.0
+
+
+def test_folder_with_classes_and_splits(tmp_path: Path) -> None:
+    for split, n in (("train", 3), ("val", 2)):
+        for label in ("cat", "dog"):
+            for i in range(n):
+                save_png(tmp_path / split / label / f"{i}.png", 10 * i)
+    (tmp_path / "train" / "cat" / "README.txt").write_text("not an image: ignored")
+    train = open_source(str(tmp_path))
+    assert train.describe()["split"] == "train" and len(train) == 6
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and train.classes == ["cat", "dog"]
+    assert train.sample_ids[3] == "dog/0.png"
+    val = open_source(str(tmp_path), split="val", limit=3)
+    assert len(val) == 3 and val.load(0, 3, identity).shape == (3, 4, 4)
+    with pytest.raises(DataSourceError, match=r"split 'test' does not exist .*train, val"):
+        open_source(str(tmp_path), split="test")
+
+
+def test_flat_folder_is_unlabelled(tmp_path: Path) -> None:
+    for i in range(3):
+        save_png(tmp_path / f"img{i}.png", i)
+    source = open_source(str(tmp_path))
+    assert source.labels.tolist() == [-1, -1, -1]
+    assert source.load(1, 2, identity)[0, 0, 0] == 1
+
+
+def test_npz_images_and_preprocessed_inputs(tmp_path: Path) -> None:
+    images = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4)
+    np.savez(tmp_path / "images.npz", x=images, y=np.arange(5))
+    source = open_source(str(tmp_path / "images.npz"))
+    assert source.labels.tolist() == [0, 1, 2, 3, 4] and not source.preprocessed
+    np.testing.assert_array_equal(source.load(2, 3, identity)[0].numpy(), images[2])
+    inputs = np.random.default_rng(0).normal(size=(3, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", x=inputs)
+    raw = open_source(str(tmp_path / "inputs.npz"))
+    assert raw.preprocessed and raw.labels.tolist() == [-1, -1, -1]
+    np.testing.assert_array_equal(raw.load(0, 3, identity).numpy(), inputs)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"images": np.zeros((2, 4, 4), np.uint8)}, "has no array 'x'"),
+        ({"x": np.zeros((2, 4), np.float32)}, "expected uint8 images"),
+        ({"x": np.zeros((2, 4, 4), np.uint8), "y": np.zeros(3)}, "one label per sample"),
+    ],
+)
+def test_bad_npz_files(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataSourceError, match=message):
+        open_source(str(tmp_path / "bad.npz"))
+
+
+def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
+    save_png(tmp_path / "a" / "good.png", 1)
+    (tmp_path / "a" / "z_bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    source = open_source(str(tmp_path))
+    with pytest.raises(
+        DataSourceError, match=r"cannot read image '.*z_bad\.jpg'.*remove or replace"
+    ):
+        source.load(0, 2, identity)
