@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  `make demo` (set up, run the main job)  and  `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test lint bench
+
+$(BIN)/rba-store: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# constraints.txt pins torch to the CPU build (an unpinned torch pulls GBs of CUDA packages)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/rba-store
+
+demo: setup  ## extract the embedded default's activations, then describe the store
+	$(BIN)/rba-store extract --out runs/demo.zarr --overwrite
+	$(BIN)/rba-store info runs/demo.zarr
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check rba_store tests benchmarks
+	$(BIN)/ruff format --check rba_store tests benchmarks
+
+bench: setup
+	$(BIN)/python -m benchmarks.bench_extract
