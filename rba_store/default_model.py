@@ -117,7 +117,7 @@ def train_default_model() -> tuple[nn.Module, dict[str, Any]]:
             loss.backward()
             optimizer.step()
             schedule.step()
-        logger.info("epoch %d/%d loss %.4f", epoch + 1, epochs, float(loss))
+        logger.info("epoch %d/%d loss %.4f", epoch + 1, epochs, loss.item())
     report = {
         "train_seconds": round(time.perf_counter() - start, 1),
         "train_accuracy": accuracy(model, x_train, y_train),
