@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import TyperException
 
-from rba_store.errors import RBAStoreError
+from rba_store.errors import RBAStoreError, UsageError
 
 app = typer.Typer(
     name="rba-store",
@@ -241,6 +241,69 @@ def info(
 
     summary = store_info(store)
     typer.echo(json.dumps(summary, indent=2) if as_json else format_info(summary))
+
+
+@app.command()
+def stats(
+    store: Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")],
+    tokens: Annotated[Tokens, typer.Option(help="Token vectors: all (flattened) or cls.")] = (
+        Tokens.all
+    ),
+    limit: Annotated[int | None, typer.Option(help="Use the first N samples.")] = None,
+    sample: Annotated[int | None, typer.Option(help="Use N samples drawn at random.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
+    name: Annotated[
+        str | None, typer.Option(help="Save as stats/NAME [default: from the options].")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    plots: Annotated[Path | None, typer.Option(help="Write PNG figures into this folder.")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Address of a running dask.distributed scheduler.")
+    ] = None,
+    scheduler_file: Annotated[
+        Path | None, typer.Option(help="Scheduler file of a running dask.distributed cluster.")
+    ] = None,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Use the complete shards of an unfinished store.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Recompute and replace saved statistics of the same name.")
+    ] = False,
+    max_span: Annotated[int, typer.Option(help="Longest span (blocks) to rank.")] = 4,
+    top: Annotated[int, typer.Option(help="Number of candidate spans to show.")] = 10,
+) -> None:
+    """Block Redundancy, relative change, cosine and CKA of every block; candidate spans."""
+    from rba_store.stats import SampleSelection, run_stats
+
+    if max_span < 1 or top < 1:
+        raise UsageError(f"--max-span {max_span} and --top {top} must be positive numbers")
+    result, reused = run_stats(
+        store,
+        name=name,
+        tokens=tokens.value,
+        selection=SampleSelection(limit=limit, sample=sample, seed=seed),
+        allow_incomplete=allow_incomplete,
+        scheduler=scheduler,
+        scheduler_file=str(scheduler_file) if scheduler_file else None,
+        overwrite=overwrite,
+    )
+    written = []
+    if plots is not None:
+        from rba_store.stats.plots import write_plots
+
+        written = write_plots(result, plots, title=Path(store).name)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(max_span, top), indent=2))
+        return
+    saved = "reused the saved" if reused else "saved as"
+    typer.echo(
+        f"{store}: {result.n_blocks} blocks, {result.n_samples} samples, "
+        f"{result.n_rows} token vectors (tokens={tokens.value}); {saved} "
+        f"stats/{result.attrs.get('name')}\n"
+    )
+    typer.echo(result.format_table(max_span, top))
+    for path in written:
+        typer.echo(f"plot: {path}")
 
 
 def _error(message: str, code: int) -> int:

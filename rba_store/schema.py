@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xarray as xr
 import zarr
 import zarr.codecs
 
@@ -386,3 +388,37 @@ def consolidate(path: str | Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(path), zarr_format=3)
+
+
+# -- analyses saved beside the arrays (stats/<name>, fits/<name>) ------------------------------
+
+STATS_GROUP, FITS_GROUP = "stats", "fits"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+
+
+def analysis_path(kind: str, name: str) -> str:
+    """Group path of a saved analysis, e.g. ``stats/tokens-all``."""
+    if not _NAME.match(name):
+        raise UsageError(
+            f"name {name!r} is not valid; use letters, digits and _ . = - (not starting with "
+            "a punctuation mark)"
+        )
+    return f"{kind}/{name}"
+
+
+def read_analysis(store: str | Path, path: str) -> xr.Dataset | None:
+    """A saved analysis as an in-memory Dataset, or None when there is none."""
+    group = open_store(store)
+    try:
+        group[path]
+    except KeyError:
+        return None
+    with xr.open_zarr(str(store), group=path, consolidated=False, zarr_format=3) as ds:
+        return ds.load()
+
+
+def write_analysis(store: str | Path, path: str, ds: xr.Dataset) -> None:
+    """Save an analysis group (replacing one of the same path) and re-consolidate metadata."""
+    open_store(store, mode="r+")
+    ds.to_zarr(str(store), group=path, mode="w", zarr_format=3, consolidated=False)
+    consolidate(store)

@@ -1,0 +1,67 @@
+"""Block statistics (BR, relative change, cosine, norms, exact linear CKA) computed lazily with
+Dask from a store, saved under ``stats/<name>`` in it and reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rba_store import schema
+from rba_store.errors import UsageError
+from rba_store.stats.reduce import SampleSelection, compute_block_stats
+from rba_store.stats.result import BlockStats
+
+__all__ = ["BlockStats", "SampleSelection", "compute_block_stats", "default_name", "run_stats"]
+
+
+def default_name(tokens: str, selection: SampleSelection) -> str:
+    """A name that says what was computed: ``tokens-all``, ``tokens-cls-limit100`` ..."""
+    name = f"tokens-{tokens}"
+    if selection.sample is not None:
+        name += f"-sample{selection.sample}-seed{selection.seed}"
+    elif selection.limit is not None:
+        name += f"-limit{selection.limit}"
+    return name
+
+
+def run_stats(
+    store: str | Path,
+    *,
+    name: str | None = None,
+    tokens: str = "all",
+    selection: SampleSelection | None = None,
+    allow_incomplete: bool = False,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    overwrite: bool = False,
+) -> tuple[BlockStats, bool]:
+    """Compute (or reuse) the statistics saved as ``stats/<name>``. Returns (stats, reused)."""
+    selection = selection or SampleSelection()
+    name = name or default_name(tokens, selection)
+    path = schema.analysis_path(schema.STATS_GROUP, name)
+    fingerprint = schema.read_description(schema.open_store(store))["fingerprint"]
+    saved = schema.read_analysis(store, path)
+    wanted = {
+        "store_fingerprint": fingerprint,
+        "tokens": tokens,
+        "selection": selection.describe(),
+        "allow_incomplete": allow_incomplete,
+    }
+    if saved is not None and not overwrite:
+        stats = BlockStats.from_dataset(saved)
+        if {k: stats.attrs.get(k) for k in wanted} == schema.normalize(wanted):
+            return stats, True
+        raise UsageError(
+            f"statistics {name!r} already exist in {str(store)!r} with other options; "
+            "pass --overwrite to replace them, or another --name"
+        )
+    stats = compute_block_stats(
+        store,
+        tokens=tokens,
+        selection=selection,
+        allow_incomplete=allow_incomplete,
+        scheduler=scheduler,
+        scheduler_file=scheduler_file,
+    )
+    stats.attrs["name"] = name
+    schema.write_analysis(store, path, stats.to_dataset())
+    return stats, False

@@ -1,0 +1,122 @@
+"""Mergeable float64 partial results of block statistics over chunks of samples.
+
+Letters: n = samples in a chunk, t = tokens used per sample, r = n*t token vectors (rows),
+p = total channels of all capture points side by side (the joint feature space).
+
+A chunk's :class:`BlockPartials` holds sums (exactly additive) and the :class:`Moments` of the
+rows of ``[h0 | h1 | ... | hL]`` (count, mean and centred co-moment matrix), merged with Chan's
+pairwise update, which is exact and associative: any chunking and any merge order give the same
+result as one pass over all rows held in memory (up to float64 rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+_TINY = np.finfo(np.float64).tiny
+
+
+@dataclass
+class Moments:
+    """Row count, mean and centred co-moment ``Σ (z - mean)(z - mean)ᵀ`` of a set of rows."""
+
+    n: int
+    mean: np.ndarray  # (p,)
+    m2: np.ndarray  # (p, p)
+
+    @classmethod
+    def from_rows(cls, z_rp: np.ndarray) -> Moments:
+        z_rp = np.asarray(z_rp, dtype=np.float64)
+        mean = z_rp.mean(axis=0)
+        zc = z_rp - mean
+        return cls(len(z_rp), mean, zc.T @ zc)
+
+    def merge(self, other: Moments) -> Moments:
+        """Chan et al.: exact combination of two disjoint sets of rows."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + np.outer(delta, delta) * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+
+@dataclass
+class BlockPartials:
+    """Sums over a chunk of samples, for every pair of capture points ``a < b``."""
+
+    n_samples: int
+    n_rows: int
+    sq_change: np.ndarray  # (k, k): Σ_samples ‖h_b - h_a‖² (upper triangle; NaN if shapes differ)
+    rel_change: np.ndarray  # (k, k): Σ_samples ‖h_b - h_a‖² / ‖h_a‖²
+    cos_sum: np.ndarray  # (k-1,): Σ_rows cos(h_{b-1}, h_b)
+    norm_sum: np.ndarray  # (k,): Σ_samples ‖h_k‖
+    moments: Moments
+
+    def merge(self, other: BlockPartials) -> BlockPartials:
+        return BlockPartials(
+            self.n_samples + other.n_samples,
+            self.n_rows + other.n_rows,
+            self.sq_change + other.sq_change,
+            self.rel_change + other.rel_change,
+            self.cos_sum + other.cos_sum,
+            self.norm_sum + other.norm_sum,
+            self.moments.merge(other.moments),
+        )
+
+
+def chunk_partials(points: Sequence[np.ndarray]) -> BlockPartials:
+    """Partials of one chunk: ``points[k]`` is ``h_k``, shape ``(n, t, c_k)``, any float dtype."""
+    hs = [np.asarray(h, dtype=np.float64) for h in points]
+    k = len(hs)
+    n, t = hs[0].shape[:2]
+    sq = np.full((k, k), np.nan)
+    rel = np.full((k, k), np.nan)
+    sq_norm = [np.einsum("ntc,ntc->n", h, h) for h in hs]  # per-sample ‖h‖²
+    for a in range(k):
+        for b in range(a + 1, k):
+            if hs[a].shape != hs[b].shape:
+                continue
+            diff = hs[b] - hs[a]
+            per_sample = np.einsum("ntc,ntc->n", diff, diff)
+            sq[a, b] = per_sample.sum()
+            rel[a, b] = (per_sample / np.maximum(sq_norm[a], _TINY)).sum()
+    cos = np.full(k - 1, np.nan)
+    for b in range(1, k):
+        if hs[b].shape == hs[b - 1].shape:
+            dot = np.einsum("ntc,ntc->nt", hs[b - 1], hs[b])
+            norms = np.sqrt(np.einsum("ntc,ntc->nt", hs[b - 1], hs[b - 1]))
+            norms *= np.sqrt(np.einsum("ntc,ntc->nt", hs[b], hs[b]))
+            cos[b - 1] = (dot / np.maximum(norms, _TINY)).sum()
+    norm_sum = np.array([np.sqrt(s).sum() for s in sq_norm])
+    if any(h.shape[1] != t for h in hs):
+        moments = Moments(0, np.zeros(0), np.zeros((0, 0)))  # CKA needs rows shared by all points
+    else:
+        z_rp = np.concatenate([h.reshape(n * t, -1) for h in hs], axis=1)
+        moments = Moments.from_rows(z_rp)
+    return BlockPartials(n, n * t, sq, rel, cos, norm_sum, moments)
+
+
+def cka_from_moments(m2: np.ndarray, widths: Sequence[int]) -> np.ndarray:
+    """Linear CKA between every pair of points from the joint centred co-moment matrix.
+
+    CKA(X, Y) = ‖XcᵀYc‖²_F / (‖XcᵀXc‖_F ‖YcᵀYc‖_F), with the cross-products read off ``m2``.
+    """
+    edges = np.concatenate([[0], np.cumsum(widths)])
+    k = len(widths)
+    hsic = np.empty((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            block = m2[edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
+            hsic[i, j] = hsic[j, i] = np.sum(block * block)
+    scale = np.sqrt(np.diag(hsic))
+    denominator = np.outer(scale, scale)
+    # A point with zero variance (e.g. h0's class token: the same for every sample) has no CKA.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, hsic / denominator, np.nan)
