@@ -269,6 +269,9 @@ def stats(
     overwrite: Annotated[
         bool, typer.Option(help="Recompute and replace saved statistics of the same name.")
     ] = False,
+    cka: Annotated[
+        bool, typer.Option(help="Compute the CKA matrix (the costly part for wide models).")
+    ] = True,
     max_span: Annotated[int, typer.Option(help="Longest span (blocks) to rank.")] = 4,
     top: Annotated[int, typer.Option(help="Number of candidate spans to show.")] = 10,
 ) -> None:
@@ -286,6 +289,7 @@ def stats(
         scheduler=scheduler,
         scheduler_file=str(scheduler_file) if scheduler_file else None,
         overwrite=overwrite,
+        cka=cka,
     )
     written = []
     if plots is not None:

@@ -256,3 +256,11 @@ def test_cli_bad_input(
     assert code != 0
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert {p: tree_digest(p) for p in digests} == digests
+
+
+def test_without_cka_the_other_statistics_are_unchanged(small_store: Path) -> None:
+    full = compute_block_stats(small_store)
+    light = compute_block_stats(small_store, cka=False)
+    assert np.isnan(light.cka).all()
+    for key in ("br", "relative_change", "cosine", "norm", "span_change"):
+        np.testing.assert_array_equal(getattr(light, key), getattr(full, key))

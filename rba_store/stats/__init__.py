@@ -13,14 +13,14 @@ from rba_store.stats.result import BlockStats
 __all__ = ["BlockStats", "SampleSelection", "compute_block_stats", "default_name", "run_stats"]
 
 
-def default_name(tokens: str, selection: SampleSelection) -> str:
+def default_name(tokens: str, selection: SampleSelection, cka: bool = True) -> str:
     """A name that says what was computed: ``tokens-all``, ``tokens-cls-limit100`` ..."""
     name = f"tokens-{tokens}"
     if selection.sample is not None:
         name += f"-sample{selection.sample}-seed{selection.seed}"
     elif selection.limit is not None:
         name += f"-limit{selection.limit}"
-    return name
+    return name if cka else f"{name}-nocka"
 
 
 def run_stats(
@@ -33,10 +33,11 @@ def run_stats(
     scheduler: str | None = None,
     scheduler_file: str | None = None,
     overwrite: bool = False,
+    cka: bool = True,
 ) -> tuple[BlockStats, bool]:
     """Compute (or reuse) the statistics saved as ``stats/<name>``. Returns (stats, reused)."""
     selection = selection or SampleSelection()
-    name = name or default_name(tokens, selection)
+    name = name or default_name(tokens, selection, cka)
     path = schema.analysis_path(schema.STATS_GROUP, name)
     fingerprint = schema.read_description(schema.open_store(store))["fingerprint"]
     saved = schema.read_analysis(store, path)
@@ -45,6 +46,7 @@ def run_stats(
         "tokens": tokens,
         "selection": selection.describe(),
         "allow_incomplete": allow_incomplete,
+        "cka": cka,
     }
     if saved is not None and not overwrite:
         stats = BlockStats.from_dataset(saved)
@@ -61,6 +63,7 @@ def run_stats(
         allow_incomplete=allow_incomplete,
         scheduler=scheduler,
         scheduler_file=scheduler_file,
+        cka=cka,
     )
     stats.attrs["name"] = name
     schema.write_analysis(store, path, stats.to_dataset())

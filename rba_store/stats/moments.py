@@ -71,35 +71,53 @@ class BlockPartials:
         )
 
 
-def chunk_partials(points: Sequence[np.ndarray]) -> BlockPartials:
-    """Partials of one chunk: ``points[k]`` is ``h_k``, shape ``(n, t, c_k)``, any float dtype."""
-    hs = [np.asarray(h, dtype=np.float64) for h in points]
-    k = len(hs)
-    n, t = hs[0].shape[:2]
+def chunk_partials(points: Sequence[np.ndarray], cka: bool = True) -> BlockPartials:
+    """Partials of one chunk: ``points[k]`` is ``h_k``, shape ``(n, t, c_k)``, any float dtype.
+
+    Every point is converted to float64 once. Per-sample squared changes between all pairs of
+    points come from one batched Gram product (‖h_b - h_a‖² = ‖h_a‖² + ‖h_b‖² - 2<h_a, h_b>);
+    the joint co-moment matrix (for CKA) is one symmetric product of the centred rows.
+    """
+    k = len(points)
+    n, t = points[0].shape[:2]
+    same_shape = len({p.shape for p in points}) == 1
+    if same_shape:
+        c = points[0].shape[2]
+        stacked = np.empty((n, k, t * c))  # (n, k, t*c): every point of a sample side by side
+        for i, p in enumerate(points):
+            stacked[:, i] = p.reshape(n, t * c)
+        gram = stacked @ stacked.transpose(0, 2, 1)  # (n, k, k): <h_a, h_b> per sample
+        hs = [stacked[:, i].reshape(n, t, c) for i in range(k)]
+        sq_norm = [gram[:, i, i] for i in range(k)]
+    else:
+        hs = [np.asarray(p, dtype=np.float64) for p in points]
+        sq_norm = [np.einsum("ntc,ntc->n", h, h) for h in hs]
     sq = np.full((k, k), np.nan)
     rel = np.full((k, k), np.nan)
-    sq_norm = [np.einsum("ntc,ntc->n", h, h) for h in hs]  # per-sample ‖h‖²
     for a in range(k):
         for b in range(a + 1, k):
-            if hs[a].shape != hs[b].shape:
+            if same_shape:
+                per_sample = np.maximum(sq_norm[a] + sq_norm[b] - 2 * gram[:, a, b], 0.0)
+            elif hs[a].shape == hs[b].shape:
+                diff = hs[b] - hs[a]
+                per_sample = np.einsum("ntc,ntc->n", diff, diff)
+            else:
                 continue
-            diff = hs[b] - hs[a]
-            per_sample = np.einsum("ntc,ntc->n", diff, diff)
             sq[a, b] = per_sample.sum()
             rel[a, b] = (per_sample / np.maximum(sq_norm[a], _TINY)).sum()
     cos = np.full(k - 1, np.nan)
+    token_norms = [np.sqrt(np.einsum("ntc,ntc->nt", h, h)) for h in hs]
     for b in range(1, k):
         if hs[b].shape == hs[b - 1].shape:
             dot = np.einsum("ntc,ntc->nt", hs[b - 1], hs[b])
-            norms = np.sqrt(np.einsum("ntc,ntc->nt", hs[b - 1], hs[b - 1]))
-            norms *= np.sqrt(np.einsum("ntc,ntc->nt", hs[b], hs[b]))
+            norms = token_norms[b - 1] * token_norms[b]
             cos[b - 1] = (dot / np.maximum(norms, _TINY)).sum()
     norm_sum = np.array([np.sqrt(s).sum() for s in sq_norm])
-    if any(h.shape[1] != t for h in hs):
-        moments = Moments(0, np.zeros(0), np.zeros((0, 0)))  # CKA needs rows shared by all points
-    else:
+    if cka and all(h.shape[1] == t for h in hs):
         z_rp = np.concatenate([h.reshape(n * t, -1) for h in hs], axis=1)
         moments = Moments.from_rows(z_rp)
+    else:  # CKA skipped, or impossible: it needs token rows shared by all points
+        moments = Moments(0, np.zeros(0), np.zeros((0, 0)))
     return BlockPartials(n, n * t, sq, rel, cos, norm_sum, moments)
 
 

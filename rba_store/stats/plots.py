@@ -46,6 +46,8 @@ def write_plots(stats: BlockStats, out_dir: str | Path, title: str = "") -> list
     fig.savefig(change_path, dpi=120)
     plt.close(fig)
 
+    if np.isnan(stats.cka).all():  # computed with cka=False
+        return [change_path]
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     image = ax.imshow(stats.cka, vmin=0, vmax=1, cmap="viridis", origin="lower")
     points = np.arange(stats.n_blocks + 1)

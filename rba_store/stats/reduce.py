@@ -96,11 +96,13 @@ def check_tokens(description: dict[str, Any], tokens: str, store: str) -> None:
         )
 
 
-def _shard_partials(local_idx: np.ndarray, cls_only: bool, *chunks: np.ndarray) -> BlockPartials:
+def _shard_partials(
+    local_idx: np.ndarray, cls_only: bool, cka: bool, *chunks: np.ndarray
+) -> BlockPartials:
     points = [chunk[local_idx] for chunk in chunks]
     if cls_only:
         points = [p[:, :1] for p in points]
-    return chunk_partials(points)
+    return chunk_partials(points, cka)
 
 
 def _merge(a: BlockPartials, b: BlockPartials) -> BlockPartials:
@@ -116,7 +118,7 @@ def _tree(parts: list[Delayed]) -> Delayed:
 
 
 def stats_graph(
-    store: str | Path, indices: np.ndarray, tokens: str = "all"
+    store: str | Path, indices: np.ndarray, tokens: str = "all", cka: bool = True
 ) -> tuple[Delayed, list[int]]:
     """The lazy reduction (one task per shard holding selected samples) and the point widths."""
     group = schema.open_store(store)
@@ -134,7 +136,7 @@ def stats_graph(
         local = indices[(indices >= start) & (indices < stop)] - start
         if len(local):
             chunks = [array.blocks[shard].to_delayed().ravel()[0] for array in arrays]
-            parts.append(task(local, tokens == "cls", *chunks))
+            parts.append(task(local, tokens == "cls", cka, *chunks))
     widths = [p.n_channels for p in layout.points]
     return _tree(parts), widths
 
@@ -169,8 +171,13 @@ def compute_block_stats(
     allow_incomplete: bool = False,
     scheduler: str | None = None,
     scheduler_file: str | None = None,
+    cka: bool = True,
 ) -> BlockStats:
-    """BR, relative change, cosine, norms and exact linear CKA of every block, in one pass."""
+    """BR, relative change, cosine, norms and exact linear CKA of every block, in one pass.
+
+    ``cka=False`` skips the joint co-moments (the (p, p) product per chunk that dominates the
+    cost when p = (L+1)*channels is large); the CKA matrix is then NaN.
+    """
     selection = selection or SampleSelection()
     group = schema.open_store(store)
     description = schema.read_description(group)
@@ -178,7 +185,7 @@ def compute_block_stats(
     check_tokens(description, tokens, str(store))
     available = usable_samples(group, layout, str(store), allow_incomplete)
     indices = selection.indices(available, str(store))
-    graph, widths = stats_graph(store, indices, tokens)
+    graph, widths = stats_graph(store, indices, tokens, cka)
     with dask_client(scheduler, scheduler_file) as client:
         partials = client.compute(graph).result() if client is not None else graph.compute()
     attrs = {
@@ -187,5 +194,6 @@ def compute_block_stats(
         "tokens": tokens,
         "selection": selection.describe(),
         "allow_incomplete": allow_incomplete,
+        "cka": cka,
     }
     return BlockStats.from_partials(partials, widths, attrs)
