@@ -15,9 +15,10 @@ $(BIN)/rba-store: pyproject.toml constraints.txt
 
 setup: $(BIN)/rba-store
 
-demo: setup  ## extract the embedded default's activations, then describe the store
+demo: setup  ## the main job on the embedded default: extract -> info -> stats (+ plots)
 	$(BIN)/rba-store extract --out runs/demo.zarr --overwrite
 	$(BIN)/rba-store info runs/demo.zarr
+	$(BIN)/rba-store stats runs/demo.zarr --plots runs/demo-plots
 
 test: setup
 	$(BIN)/python -m pytest
@@ -28,3 +29,4 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_extract
+	$(BIN)/python -m benchmarks.bench_stats

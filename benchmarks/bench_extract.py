@@ -44,7 +44,7 @@ from rba_store.info import store_info
 TARGET_RATIO = 1.15
 REPEATS = 3
 VIT_TINY = "vit_tiny_patch16_224"
-VIT_TINY_LIMIT = {True: 256, False: None}  # quick: 256 samples; full: the whole train split
+VIT_TINY_LIMIT = {True: 128, False: None}  # quick: 128 samples; full: the whole train split
 
 
 @dataclass(frozen=True)
@@ -371,7 +371,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Extraction time ÷ bare forward time (median of alternating runs).",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="vit_tiny on 256 samples instead of all 1437"
+        "--quick", action="store_true", help="vit_tiny on 128 samples instead of all 1437"
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     parser.add_argument(
