@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rba_store import schema
 from rba_store.errors import UsageError
-from rba_store.stats.reduce import SampleSelection, compute_block_stats
+from rba_store.selection import SampleSelection
+from rba_store.stats.reduce import compute_block_stats
 from rba_store.stats.result import BlockStats
 
 __all__ = ["BlockStats", "SampleSelection", "compute_block_stats", "default_name", "run_stats"]
