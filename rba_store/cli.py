@@ -310,6 +310,161 @@ def stats(
         typer.echo(f"plot: {path}")
 
 
+class Backend(str, Enum):
+    auto = "auto"
+    numpy = "numpy"
+    cupy = "cupy"
+
+
+class Gemm(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+def _auto_spans(store: Path, count: int, tokens: str, stats_name: str | None) -> list[tuple]:
+    from rba_store import schema
+    from rba_store.stats import BlockStats
+
+    name = stats_name or f"tokens-{tokens}"
+    saved = schema.read_analysis(store, schema.analysis_path(schema.STATS_GROUP, name))
+    if saved is None:
+        raise UsageError(
+            f"--auto needs saved statistics, and {str(store)!r} has no stats/{name}; run "
+            f"'rba-store stats {store} --tokens {tokens}' first (or pass --stats NAME)"
+        )
+    candidates = BlockStats.from_dataset(saved).candidates(top=count)
+    return [tuple(c["span"]) for c in candidates]
+
+
+def _format_fit(fit: Any) -> str:
+    d = fit.diagnostics
+    a, b = fit.span
+    blocks = f"block {b}" if b - a == 1 else f"blocks {a + 1}-{b}"
+    lines = [
+        f"fit {fit.name}: span {a}:{b} ({blocks} replaced), {d['rows']:,} rows, "
+        f"{d['channels_in']}->{d['channels_out']} channels, {d['method']}, "
+        f"condition number {float(d['condition_number']):.3g}, rank {d['rank']}",
+        f"  train    relative MSE {d['train']['relative_mse']:.4g}",
+    ]
+    held = d.get("heldout")
+    if held:
+        ident = held["identity"]
+        lines.append(
+            f"  held-out relative MSE {held['relative_mse']:.4g}  R² {held['r2']:.4f}  "
+            f"cosine {held['cosine']:.4f}   ({held['rows']:,} rows)"
+        )
+        lines.append(
+            f"  identity relative MSE {ident['relative_mse']:.4g}  R² {ident['r2']:.4f}  "
+            f"cosine {ident['cosine']:.4f}   (T = I: plain block dropping)"
+        )
+    else:
+        lines.append("  held-out: none (pass --holdout FRACTION or --eval-store STORE)")
+    lines += [f"  note: {note}" for note in d["notes"]]
+    lines.append(f"  saved as fits/{fit.name}")
+    return "\n".join(lines)
+
+
+@app.command()
+def fit(
+    store: Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")],
+    span: Annotated[
+        list[str] | None, typer.Option(help="a:b fits h_a -> h_b (replaces blocks a+1..b).")
+    ] = None,
+    auto: Annotated[
+        int | None, typer.Option(help="Fit the best K candidate spans of the saved stats.")
+    ] = None,
+    stats_name: Annotated[
+        str | None, typer.Option("--stats", help="Saved stats for --auto [tokens-<tokens>].")
+    ] = None,
+    tokens: Annotated[Tokens, typer.Option(help="Rows: every token vector, or cls only.")] = (
+        Tokens.all
+    ),
+    limit: Annotated[int | None, typer.Option(help="Use the first N samples.")] = None,
+    sample: Annotated[int | None, typer.Option(help="Use N samples drawn at random.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample and --holdout.")] = 0,
+    holdout: Annotated[
+        float | None, typer.Option(help="Hold out this fraction of samples for diagnostics.")
+    ] = None,
+    eval_store: Annotated[
+        Path | None, typer.Option(help="A second store (same model) for held-out diagnostics.")
+    ] = None,
+    bias: Annotated[bool, typer.Option(help="Fit an affine map (with a bias).")] = False,
+    ridge: Annotated[float, typer.Option(help="Ridge λ, scaled by trace(XᵀX)/D.")] = 0.0,
+    backend: Annotated[Backend, typer.Option(help="auto: CuPy when a GPU is visible.")] = (
+        Backend.auto
+    ),
+    gemm: Annotated[
+        Gemm, typer.Option(help="Precision of the per-chunk products (float64 accumulation).")
+    ] = Gemm.float64,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Address of a running dask.distributed scheduler.")
+    ] = None,
+    scheduler_file: Annotated[
+        Path | None, typer.Option(help="Scheduler file of a running dask.distributed cluster.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Save as fits/NAME [default: a-b...].")] = None,
+    export: Annotated[
+        Path | None, typer.Option(help="Also write each fit as DIR/<name>.safetensors.")
+    ] = None,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Use the complete shards of an unfinished store.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace fits of the same name.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Fit the linear maps T (h_a -> h_b) that replace spans of blocks, in one pass."""
+    from rba_store.selection import SampleSelection
+    from rba_store.solve import FitOptions, export_safetensors, fit_spans
+    from rba_store.solve.fit import parse_span
+
+    spans = [parse_span(s) for s in span or []]
+    if auto is not None:
+        if auto < 1:
+            raise UsageError(f"--auto {auto} is invalid; pass a positive number of spans")
+        spans += _auto_spans(store, auto, tokens.value, stats_name)
+    options = FitOptions(
+        spans=tuple(spans),
+        tokens=tokens.value,
+        selection=SampleSelection(limit=limit, sample=sample, seed=seed),
+        holdout=holdout,
+        holdout_seed=seed,
+        eval_store=str(eval_store) if eval_store else None,
+        bias=bias,
+        ridge=ridge,
+        backend=backend.value,
+        gemm_dtype=gemm.value,
+        allow_incomplete=allow_incomplete,
+        scheduler=scheduler,
+        scheduler_file=str(scheduler_file) if scheduler_file else None,
+        name=name,
+        overwrite=overwrite,
+    )
+    with _dask_progress():
+        fits = fit_spans(store, options)
+    exported = (
+        [export_safetensors(store, f.name, export / f"{f.name}.safetensors") for f in fits]
+        if export
+        else []
+    )
+    if as_json:
+        typer.echo(json.dumps([f.to_json() for f in fits], indent=2))
+        return
+    typer.echo("\n".join(_format_fit(f) for f in fits))
+    for path in exported:
+        typer.echo(f"exported {path}")
+
+
+def _dask_progress() -> Any:
+    """A Dask progress bar on stderr for the local scheduler, when stderr is a terminal."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar(out=sys.stderr)
+
+
 def _error(message: str, code: int) -> int:
     first = message.strip().splitlines()[0] if message.strip() else "unknown error"
     print(f"rba-store: error: {first}", file=sys.stderr)

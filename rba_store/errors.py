@@ -34,3 +34,7 @@ class ConfigMismatchError(RBAStoreError, ValueError):
 
 class IncompleteStoreError(RBAStoreError, ValueError):
     """A store has shards that were never written (an interrupted extraction)."""
+
+
+class NonFiniteError(RBAStoreError, ValueError):
+    """Stored activations hold NaN or Inf."""

@@ -213,6 +213,19 @@ def normalize(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+def normalize_json(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars become numbers, non-finite floats the strings inf/-inf/nan."""
+    if isinstance(obj, dict):
+        return {str(k): normalize_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [normalize_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
+
+
 def fingerprint(description: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of a description, without its run-specific keys."""
     body = {k: v for k, v in description.items() if k not in _UNFINGERPRINTED}

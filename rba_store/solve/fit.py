@@ -1,0 +1,409 @@
+"""Fit the linear maps that replace spans of blocks, from a store of any size, in one pass.
+
+For spans (a, b], X = h_a and Y = h_b (token vectors as rows). One Dask task per shard reads
+every point any span needs once, and accumulates, for each distinct source a, the normal
+equations of X = h_a against all its targets side by side; partials merge in a tree. A second,
+optional pass computes held-out diagnostics. Fits are saved under ``fits/<name>`` in the store.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+
+from rba_store import schema
+from rba_store.daskutil import compute, shard_chunks, tree_reduce
+from rba_store.errors import NonFiniteError, UsageError
+from rba_store.selection import SampleSelection, check_tokens, usable_samples
+from rba_store.solve._backend import get_xp
+from rba_store.solve.evaluate import HoldoutSums
+from rba_store.solve.normal_eq import GEMM_DTYPES, NormalEquations, Solution, solve, training_error
+
+Span = tuple[int, int]
+_SPAN = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+
+
+def parse_span(text: str) -> Span:
+    """``"a:b"`` -> ``(a, b)``."""
+    match = _SPAN.match(text)
+    if not match:
+        raise UsageError(f"--span {text!r} is not of the form a:b (e.g. 4:6, blocks 5 and 6)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_spans(spans: list[Span], layout: schema.StoreLayout, store: str) -> None:
+    n_blocks = layout.n_blocks
+    if not spans:
+        raise UsageError("no span to fit; pass --span a:b (or --auto K)")
+    for a, b in spans:
+        if not 0 <= a < b <= n_blocks:
+            raise UsageError(
+                f"span {a}:{b} is out of range for {store!r} ({n_blocks} blocks): pass a:b with "
+                f"0 <= a < b <= {n_blocks}"
+            )
+        if layout.points[a].n_tokens != layout.points[b].n_tokens:
+            raise UsageError(
+                f"span {a}:{b} maps h{a} ({layout.points[a].n_tokens} tokens) to h{b} "
+                f"({layout.points[b].n_tokens} tokens): a token-wise map needs equal token counts"
+            )
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Everything ``rba-store fit`` can be asked for (defaults follow the reference code)."""
+
+    spans: tuple[Span, ...] = ()
+    tokens: str = "all"
+    selection: SampleSelection = field(default_factory=SampleSelection)
+    holdout: float | None = None
+    holdout_seed: int = 0
+    eval_store: str | None = None
+    bias: bool = False
+    ridge: float = 0.0
+    backend: str = "auto"
+    gemm_dtype: str = "float64"
+    allow_incomplete: bool = False
+    scheduler: str | None = None
+    scheduler_file: str | None = None
+    name: str | None = None
+    overwrite: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "selection": self.selection.describe(),
+            "holdout": self.holdout,
+            "holdout_seed": self.holdout_seed,
+            "eval_store": self.eval_store,
+            "bias": self.bias,
+            "ridge": self.ridge,
+            "backend": self.backend,
+            "gemm_dtype": self.gemm_dtype,
+            "allow_incomplete": self.allow_incomplete,
+        }
+
+
+@dataclass
+class SpanFit:
+    """A fitted span: the map, its diagnostics, and where it is saved."""
+
+    name: str
+    span: Span
+    solution: Solution
+    diagnostics: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "span": list(self.span)} | self.diagnostics
+
+
+def fit_name(span: Span, options: FitOptions, n_spans: int) -> str:
+    """``a-b`` plus what differs from the defaults; ``NAME`` (one span) or ``NAME-a-b``."""
+    a, b = span
+    if options.name:
+        return options.name if n_spans == 1 else f"{options.name}-{a}-{b}"
+    suffix = "".join(
+        [
+            f"-{options.tokens}" if options.tokens != "all" else "",
+            "-bias" if options.bias else "",
+            f"-ridge{options.ridge:g}" if options.ridge else "",
+            "-gemm32" if options.gemm_dtype == "float32" else "",
+        ]
+    )
+    return f"{a}-{b}{suffix}"
+
+
+# -- tasks (run on workers) -------------------------------------------------------------------
+
+
+def _rows(chunk: np.ndarray, local: np.ndarray, cls_only: bool) -> np.ndarray:
+    points = chunk[local]
+    if cls_only:
+        points = points[:, :1]
+    return points.reshape(-1, points.shape[-1])
+
+
+def _check_finite(
+    chunks: tuple[np.ndarray, ...], points: list[int], local: np.ndarray, start: int
+) -> None:
+    for k, chunk in zip(points, chunks, strict=True):
+        bad = ~np.isfinite(chunk[local]).all(axis=tuple(range(1, chunk.ndim)))
+        if bad.any():
+            rows = start + local[bad]
+            raise NonFiniteError(
+                f"h{k} holds NaN or Inf in samples {rows.min()}..{rows.max()} ({bad.sum()} "
+                "samples); re-extract the store, or leave them out with --limit/--sample"
+            )
+
+
+def _accumulate(
+    local: np.ndarray,
+    start: int,
+    cls_only: bool,
+    plan: list[tuple[int, list[int]]],
+    points: list[int],
+    backend: str,
+    gemm_dtype: str,
+    *chunks: np.ndarray,
+) -> dict[int, NormalEquations]:
+    xp = get_xp(backend)
+    position = {k: i for i, k in enumerate(points)}
+    out = {}
+    for a, targets in plan:
+        x = xp.asarray(_rows(chunks[position[a]], local, cls_only))
+        y = xp.concatenate(
+            [xp.asarray(_rows(chunks[position[b]], local, cls_only)) for b in targets], axis=1
+        )
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported below
+            ne = NormalEquations.from_chunk(x, y, xp, gemm_dtype)
+        finite = xp.isfinite(xp.diagonal(ne.sxx)).all() and xp.isfinite(ne.syy).all()
+        if not bool(finite):
+            _check_finite(chunks, points, local, start)
+        out[a] = ne
+    return out
+
+
+def _merge_equations(
+    left: dict[int, NormalEquations], right: dict[int, NormalEquations]
+) -> dict[int, NormalEquations]:
+    return {a: left[a].merge(right[a]) for a in left}
+
+
+def _holdout(
+    local: np.ndarray,
+    cls_only: bool,
+    maps: list[tuple[int, int, np.ndarray, np.ndarray]],
+    points: list[int],
+    *chunks: np.ndarray,
+) -> list[HoldoutSums]:
+    position = {k: i for i, k in enumerate(points)}
+    return [
+        HoldoutSums.from_chunk(
+            _rows(chunks[position[a]], local, cls_only),
+            _rows(chunks[position[b]], local, cls_only),
+            t,
+            bias,
+        )
+        for a, b, t, bias in maps
+    ]
+
+
+def _merge_holdout(left: list[HoldoutSums], right: list[HoldoutSums]) -> list[HoldoutSums]:
+    return [a.merge(b) for a, b in zip(left, right, strict=True)]
+
+
+# -- graphs ------------------------------------------------------------------------------------
+
+
+def _per_shard(store: str, indices: np.ndarray, points: list[int]) -> list[tuple[Any, ...]]:
+    """(local indices, shard start, lazy chunks) for every shard holding selected samples."""
+    group = schema.open_store(store)
+    layout = schema.read_layout(group)
+    out = []
+    for shard, chunks in enumerate(shard_chunks(group, points)):
+        start, stop = layout.shard_rows(shard)
+        local = indices[(indices >= start) & (indices < stop)] - start
+        if len(local):
+            out.append((local, start, chunks))
+    return out
+
+
+def _split_holdout(indices: np.ndarray, options: FitOptions) -> tuple[np.ndarray, np.ndarray]:
+    if options.holdout is None:
+        return indices, indices[:0]
+    if not 0 < options.holdout < 1:
+        raise UsageError(
+            f"--holdout {options.holdout} is out of range; pass a fraction between 0 and 1"
+        )
+    n_held = max(1, round(options.holdout * len(indices)))
+    if n_held >= len(indices):
+        raise UsageError(
+            f"--holdout {options.holdout} leaves no sample to fit ({len(indices)} samples); "
+            "pass a smaller fraction"
+        )
+    rng = np.random.default_rng(options.holdout_seed)
+    held = np.sort(rng.choice(indices, size=n_held, replace=False))
+    return np.setdiff1d(indices, held), held
+
+
+def _holdout_sums(
+    store: str,
+    indices: np.ndarray,
+    cls_only: bool,
+    maps: list[tuple[int, int, Any, Any]],
+    options: FitOptions,
+) -> list[HoldoutSums]:
+    points = sorted({a for a, *_ in maps} | {b for _, b, *_ in maps})
+    task = dask.delayed(_holdout, pure=True)
+    parts = [
+        task(local, cls_only, maps, points, *chunks)
+        for local, _, chunks in _per_shard(store, indices, points)
+    ]
+    return compute(tree_reduce(parts, _merge_holdout), options.scheduler, options.scheduler_file)
+
+
+def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
+    """Fit every span of ``options`` from ``store`` in one pass; save each under ``fits/``."""
+    store = str(store)
+    if options.gemm_dtype not in GEMM_DTYPES:
+        raise UsageError(f"--gemm {options.gemm_dtype!r} is not valid; use float64 or float32")
+    if options.ridge < 0 or not math.isfinite(options.ridge):
+        raise UsageError(f"--ridge {options.ridge} is invalid; pass a non-negative number")
+    if options.holdout is not None and options.eval_store is not None:
+        raise UsageError("--holdout and --eval-store exclude each other; pass only one")
+    get_xp(options.backend)  # refuses cupy without a GPU before any work
+    group = schema.open_store(store)
+    description = schema.read_description(group)
+    layout = schema.read_layout(group)
+    spans = list(dict.fromkeys(options.spans))
+    check_spans(spans, layout, store)
+    check_tokens(description, options.tokens, store)
+    names = [fit_name(span, options, len(spans)) for span in spans]
+    paths = [schema.analysis_path(schema.FITS_GROUP, name) for name in names]
+    if not options.overwrite:
+        for name, path in zip(names, paths, strict=True):
+            if schema.read_analysis(store, path) is not None:
+                raise UsageError(
+                    f"fit {name!r} already exists in {store!r}; pass --overwrite to replace it, "
+                    "or --name for another name"
+                )
+    eval_indices = None
+    if options.eval_store is not None:
+        eval_description = schema.read_description(schema.open_store(options.eval_store))
+        eval_layout = schema.read_layout(schema.open_store(options.eval_store))
+        check_spans(spans, eval_layout, options.eval_store)
+        check_tokens(eval_description, options.tokens, options.eval_store)
+        if eval_description["model"]["weights"] != description["model"]["weights"]:
+            raise UsageError(
+                f"--eval-store {options.eval_store!r} was extracted from other model weights "
+                f"than {store!r}; pass a store of the same model"
+            )
+        eval_group = schema.open_store(options.eval_store)
+        eval_indices = usable_samples(eval_group, eval_layout, options.eval_store, False)
+
+    available = usable_samples(group, layout, store, options.allow_incomplete)
+    fit_idx, held_idx = _split_holdout(options.selection.indices(available, store), options)
+    cls_only = options.tokens == "cls"
+    tokens_per_sample = 1 if cls_only else layout.points[0].n_tokens
+    n_rows = len(fit_idx) * tokens_per_sample
+    for a, _ in spans:
+        d_in = layout.points[a].n_channels
+        needed = d_in + 1 if options.bias else d_in
+        if n_rows < needed and not options.ridge:
+            raise UsageError(
+                f"only {n_rows} rows to fit h{a} with {d_in} channels: the system is "
+                "underdetermined; pass --ridge (e.g. 1e-3) or use more samples"
+            )
+
+    sources: dict[int, list[int]] = {}
+    for a, b in spans:
+        sources.setdefault(a, []).append(b)
+    plan = sorted(sources.items())
+    points = sorted({a for a, _ in spans} | {b for _, b in spans})
+    task = dask.delayed(_accumulate, pure=True)
+    parts = [
+        task(local, start, cls_only, plan, points, options.backend, options.gemm_dtype, *chunks)
+        for local, start, chunks in _per_shard(store, fit_idx, points)
+    ]
+    equations = compute(
+        tree_reduce(parts, _merge_equations), options.scheduler, options.scheduler_file
+    )
+
+    solutions: dict[Span, tuple[Solution, float]] = {}
+    for a, targets in plan:
+        ne = equations[a].to_numpy()
+        offset = 0
+        for b in targets:
+            width = layout.points[b].n_channels
+            sub = ne.select_outputs(offset, offset + width)
+            solution = solve(sub, bias=options.bias, ridge=options.ridge)
+            solutions[(a, b)] = (solution, training_error(sub, solution))
+            offset += width
+
+    maps = [(a, b, solutions[(a, b)][0].t, solutions[(a, b)][0].bias) for a, b in spans]
+    held: list[HoldoutSums] | None = None
+    held_source = None
+    if len(held_idx):
+        held = _holdout_sums(store, held_idx, cls_only, maps, options)
+        held_source = {"kind": "holdout", "fraction": options.holdout, "samples": len(held_idx)}
+    elif eval_indices is not None and options.eval_store is not None:
+        held = _holdout_sums(options.eval_store, eval_indices, cls_only, maps, options)
+        held_source = {
+            "kind": "eval_store",
+            "store": options.eval_store,
+            "samples": len(eval_indices),
+        }
+
+    fits = []
+    for i, (span, name, path) in enumerate(zip(spans, names, paths, strict=True)):
+        solution, train_mse = solutions[span]
+        diagnostics = {
+            "blocks_replaced": list(range(span[0] + 1, span[1] + 1)),
+            "rows": solution.n_rows,
+            "samples": len(fit_idx),
+            "method": solution.method,
+            "condition_number": solution.cond,
+            "rank": solution.rank,
+            "channels_in": int(solution.t.shape[0]),
+            "channels_out": int(solution.t.shape[1]),
+            "ridge_added": solution.ridge_added,
+            "notes": solution.notes,
+            "train": {"relative_mse": train_mse},
+            "heldout": None if held is None else held[i].report() | {"source": held_source},
+            "options": options.describe(),
+            "store_fingerprint": description["fingerprint"],
+        }
+        fit = SpanFit(name, span, solution, schema.normalize_json(diagnostics))
+        _save(store, path, fit)
+        fits.append(fit)
+    return fits
+
+
+def _save(store: str, path: str, fit: SpanFit) -> None:
+    ds = xr.Dataset(
+        {
+            "T": (("channel_in", "channel_out"), fit.solution.t),
+            "bias": (("channel_out",), fit.solution.bias),
+        },
+        attrs={"kind": "fit", "name": fit.name, "span": list(fit.span)} | fit.diagnostics,
+    )
+    schema.write_analysis(store, path, ds)
+
+
+def load_fit(store: str | Path, name: str) -> xr.Dataset:
+    """A saved fit: ``T`` (channel_in, channel_out), ``bias`` and the diagnostics as attrs."""
+    ds = schema.read_analysis(store, schema.analysis_path(schema.FITS_GROUP, name))
+    if ds is None:
+        raise UsageError(f"no fit {name!r} in {str(store)!r}; list them with 'rba-store info'")
+    return ds
+
+
+def export_safetensors(store: str | Path, name: str, path: str | Path) -> Path:
+    """Write a saved fit as ``.safetensors`` (tensors T and bias; span and options as metadata)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    ds = load_fit(store, name)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "name": name,
+        "span": json.dumps(ds.attrs["span"]),
+        "diagnostics": json.dumps(dict(ds.attrs)),
+    }
+    save_file(
+        {
+            "T": np.ascontiguousarray(ds["T"].values),
+            "bias": np.ascontiguousarray(ds["bias"].values),
+        },
+        str(path),
+        metadata=metadata,
+    )
+    return path

@@ -1,0 +1,180 @@
+"""Streaming normal equations: accumulate, merge exactly, solve in float64.
+
+Letters: r = rows (token vectors) of a chunk, i = input channels (X = h_a), o = output channels
+(Y = h_b, or several targets side by side). The maths is written once against the array module
+``xp`` (NumPy or CuPy); chunks are cast to float64 where they live, products are GEMMs there, and
+the small results come back to the host once, for the solve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from rba_store.solve._backend import array_module, to_numpy
+
+COND_LIMIT = 1e10  # above this condition number of the system, Cholesky gives way to eigh
+GEMM_DTYPES = ("float64", "float32")
+
+
+@dataclass
+class NormalEquations:
+    """Row count, means and centred products of rows ``x`` (r, i) and ``y`` (r, o), in float64.
+
+    ``sxx = Σ (x - x̄)(x - x̄)ᵀ``, ``sxy = Σ (x - x̄)(y - ȳ)ᵀ``, ``syy = Σ (y - ȳ)²`` per output
+    channel. Two
+    accumulators over disjoint rows merge exactly (Chan et al.), so the same code serves a
+    sequential loop, threads and a Dask tree reduction.
+    """
+
+    n: int
+    mean_x: Any  # (i,)
+    mean_y: Any  # (o,)
+    sxx: Any  # (i, i)
+    sxy: Any  # (i, o)
+    syy: Any  # (o,)
+
+    @classmethod
+    def from_chunk(
+        cls, x_ri: Any, y_ro: Any, xp: ModuleType | None = None, gemm_dtype: str = "float64"
+    ) -> NormalEquations:
+        """The accumulator of one chunk. ``gemm_dtype="float32"`` runs the two products in float32
+        (after centring in float64); results are still accumulated in float64 across chunks."""
+        xp = xp or array_module(x_ri)
+        x = xp.asarray(x_ri, dtype=xp.float64)
+        y = xp.asarray(y_ro, dtype=xp.float64)
+        mean_x, mean_y = x.mean(axis=0), y.mean(axis=0)
+        xc, yc = x - mean_x, y - mean_y
+        if gemm_dtype == "float32":
+            xc32, yc32 = xc.astype(xp.float32), yc.astype(xp.float32)
+            sxx = (xc32.T @ xc32).astype(xp.float64)
+            sxy = (xc32.T @ yc32).astype(xp.float64)
+        else:
+            sxx, sxy = xc.T @ xc, xc.T @ yc
+        return cls(len(x), mean_x, mean_y, sxx, sxy, (yc * yc).sum(axis=0))
+
+    def merge(self, other: NormalEquations) -> NormalEquations:
+        """Exact combination with an accumulator of other rows."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        dx, dy = other.mean_x - self.mean_x, other.mean_y - self.mean_y
+        weight = self.n * other.n / n
+        xp = array_module(self.sxx)
+        return NormalEquations(
+            n=n,
+            mean_x=self.mean_x + dx * (other.n / n),
+            mean_y=self.mean_y + dy * (other.n / n),
+            sxx=self.sxx + other.sxx + xp.outer(dx, dx) * weight,
+            sxy=self.sxy + other.sxy + xp.outer(dx, dy) * weight,
+            syy=self.syy + other.syy + dy * dy * weight,
+        )
+
+    def to_numpy(self) -> NormalEquations:
+        return NormalEquations(
+            self.n,
+            to_numpy(self.mean_x),
+            to_numpy(self.mean_y),
+            to_numpy(self.sxx),
+            to_numpy(self.sxy),
+            to_numpy(self.syy),
+        )
+
+    def select_outputs(self, start: int, stop: int) -> NormalEquations:
+        """The accumulator of output channels ``start:stop`` (one target of several)."""
+        return NormalEquations(
+            self.n,
+            self.mean_x,
+            self.mean_y[start:stop],
+            self.sxx,
+            self.sxy[:, start:stop],
+            self.syy[start:stop],
+        )
+
+    def sum_y2(self) -> float:
+        """Σ‖y‖² over the rows (uncentred)."""
+        ne = self.to_numpy()
+        return float(ne.syy.sum() + ne.n * ne.mean_y @ ne.mean_y)
+
+
+@dataclass
+class Solution:
+    """A fitted map ``y ≈ x @ t + bias`` and how it was obtained."""
+
+    t: np.ndarray  # (i, o)
+    bias: np.ndarray  # (o,)
+    method: str  # "cholesky" or "eigh-pinv"
+    cond: float
+    rank: int
+    n_rows: int
+    ridge_added: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _system(ne: NormalEquations, bias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The (i, i) and (i, o) sides: centred with a bias, raw (through the origin) without."""
+    if bias:
+        return ne.sxx, ne.sxy
+    return ne.sxx + ne.n * np.outer(ne.mean_x, ne.mean_x), ne.sxy + ne.n * np.outer(
+        ne.mean_x, ne.mean_y
+    )
+
+
+def solve(ne: NormalEquations, *, bias: bool = False, ridge: float = 0.0) -> Solution:
+    """Solve ``min ‖X T (+ b) - Y‖² (+ ridge)`` from accumulated normal equations, in float64.
+
+    Without ``bias`` the map goes through the origin, like the reference (plain least squares);
+    with it, T comes from the centred system and ``b = ȳ - x̄ T``. ``ridge`` adds
+    ``ridge * trace(A) / i`` to the diagonal of A. Cholesky is used when A is well conditioned
+    (condition number below 1e10); otherwise an eigendecomposition gives the minimum-norm
+    (pseudo-inverse) solution, and the result says so.
+    """
+    ne = ne.to_numpy()
+    a, b = _system(ne, bias)
+    d = a.shape[0]
+    added = ridge * float(np.trace(a)) / d if ridge else 0.0
+    if added:
+        a = a + added * np.eye(d)
+    eigvals, eigvecs = np.linalg.eigh(a)
+    top = float(eigvals[-1]) if d else 0.0
+    threshold = top * d * np.finfo(np.float64).eps
+    rank = int((eigvals > threshold).sum())
+    cond = float(top / eigvals[0]) if eigvals[0] > 0 else float("inf")
+    notes: list[str] = []
+    method = "cholesky"
+    t = None
+    if cond < COND_LIMIT:
+        try:
+            t = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True), b)
+        except np.linalg.LinAlgError:
+            t = None
+    if t is None:
+        method = "eigh-pinv"
+        keep = eigvals > threshold
+        inv = np.where(keep, 1.0 / np.where(keep, eigvals, 1.0), 0.0)
+        t = eigvecs @ (inv[:, None] * (eigvecs.T @ b))
+        notes.append(
+            f"the system is {'singular' if rank < d else 'badly conditioned'} (rank {rank} of "
+            f"{d}, condition number {cond:.3g}): solved with an eigendecomposition "
+            "(minimum-norm pseudo-inverse) instead of Cholesky; consider --ridge"
+        )
+    offset = ne.mean_y - ne.mean_x @ t if bias else np.zeros(b.shape[1])
+    return Solution(t, offset, method, cond, rank, ne.n, added, notes)
+
+
+def training_error(ne: NormalEquations, solution: Solution) -> float:
+    """Relative squared error ``Σ‖x t + b - y‖² / Σ‖y‖²`` on the fit rows, from the moments."""
+    ne = ne.to_numpy()
+    sum_y2 = ne.sum_y2()
+    t = solution.t
+    # Σ‖(x - x̄)t - (y - ȳ)‖² + n‖x̄ t + b - ȳ‖²
+    centred = float(np.sum(t * (ne.sxx @ t)) - 2 * np.sum(t * ne.sxy) + ne.syy.sum())
+    shift = ne.mean_x @ t + solution.bias - ne.mean_y
+    sse = max(centred, 0.0) + ne.n * float(shift @ shift)
+    return sse / sum_y2 if sum_y2 > 0 else float("nan")
