@@ -15,10 +15,11 @@ $(BIN)/rba-store: pyproject.toml constraints.txt
 
 setup: $(BIN)/rba-store
 
-demo: setup  ## the main job on the embedded default: extract -> info -> stats (+ plots)
+demo: setup  ## the main job on the embedded default: extract -> info -> stats -> fit
 	$(BIN)/rba-store extract --out runs/demo.zarr --overwrite
 	$(BIN)/rba-store info runs/demo.zarr
 	$(BIN)/rba-store stats runs/demo.zarr --plots runs/demo-plots
+	$(BIN)/rba-store fit runs/demo.zarr --auto 3 --holdout 0.2 --overwrite
 
 test: setup
 	$(BIN)/python -m pytest
@@ -30,3 +31,4 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks.bench_extract
 	$(BIN)/python -m benchmarks.bench_stats
+	$(BIN)/python -m benchmarks.bench_solver
