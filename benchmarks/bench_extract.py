@@ -44,7 +44,7 @@ from rba_store.info import store_info
 TARGET_RATIO = 1.15
 REPEATS = 3
 VIT_TINY = "vit_tiny_patch16_224"
-VIT_TINY_LIMIT = {True: 128, False: None}  # quick: 128 samples; full: the whole train split
+VIT_TINY_LIMIT = {True: 256, False: None}  # quick: 256 samples; full: the whole train split
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class Case:
     batch_size: int
     codec: str = "blosc-zstd"
     dtype: str = "float32"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.dtype} {self.codec}"
 
     def options(self) -> ExtractOptions:
         return ExtractOptions(
@@ -105,22 +109,19 @@ class ExtractionRun:
     compression_ratio: float | None
 
 
-def batch_ranges(plan: ExtractionPlan) -> list[tuple[int, int]]:
-    """The batches extraction runs: ``batch_size`` samples at a time, never crossing a shard."""
+def shard_batches(plan: ExtractionPlan) -> list[list[tuple[int, int]]]:
+    """Every shard's batches as extraction runs them: ``batch_size`` samples, within the shard."""
     layout, size = plan.layout, plan.options.batch_size
-    ranges = []
+    batches: list[list[tuple[int, int]]] = []
     for shard_idx in range(layout.n_shards):
         first, last = layout.shard_rows(shard_idx)
-        ranges += [(start, min(start + size, last)) for start in range(first, last, size)]
-    return ranges
+        batches.append([(start, min(start + size, last)) for start in range(first, last, size)])
+    return batches
 
 
-def shard_batches(plan: ExtractionPlan) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-    """``(shard index, its batches)`` for every shard."""
-    ranges = batch_ranges(plan)
-    for shard_idx in range(plan.layout.n_shards):
-        first, last = plan.layout.shard_rows(shard_idx)
-        yield shard_idx, [(a, b) for a, b in ranges if first <= a and b <= last]
+def batch_ranges(plan: ExtractionPlan) -> list[tuple[int, int]]:
+    """All batches ``(start, stop)`` in extraction order."""
+    return [batch for shard in shard_batches(plan) for batch in shard]
 
 
 def load(plan: ExtractionPlan, start: int, stop: int) -> torch.Tensor:
@@ -137,7 +138,9 @@ def time_reference(plan: ExtractionPlan, ranges: Sequence[tuple[int, int]]) -> R
             x = load(plan, start, stop)
             t1 = time.perf_counter()
             model(x)
-            load_s, forward_s = load_s + t1 - t0, forward_s + time.perf_counter() - t1
+            t2 = time.perf_counter()
+            load_s += t1 - t0
+            forward_s += t2 - t1
     return ReferenceRun(load_s, forward_s)
 
 
@@ -173,6 +176,7 @@ class CaseResult:
     n_shards: int
     extractions: list[ExtractionRun]
     references: list[ReferenceRun]
+    loadavg_1m: float  # after the case; this run alone makes it about 2, more means competition
 
     @property
     def extract_s(self) -> float:
@@ -217,6 +221,7 @@ class CaseResult:
             "ratio_forward": self.ratio_forward,
             "bytes_per_image": self.bytes_per_image,
             "compression_ratio": self.compression_ratio,
+            "loadavg_1m": self.loadavg_1m,
             "runs": {
                 "extract_s": [r.seconds for r in self.extractions],
                 "load_s": [r.load_s for r in self.references],
@@ -246,6 +251,7 @@ def measure(case: Case, plan: ExtractionPlan, repeats: int = REPEATS) -> CaseRes
         plan.layout.n_shards,
         extractions,
         references,
+        os.getloadavg()[0],
     )
 
 
@@ -277,13 +283,16 @@ def timed(totals: dict[str, float], key: str) -> Iterator[None]:
         totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
 
-def _buffer(plan: ExtractionPlan, rows: int) -> dict[str, np.ndarray]:
-    layout = plan.layout
+def _buffer(plan: ExtractionPlan, first: int, last: int) -> dict[str, np.ndarray]:
+    """A shard buffer like the extractor's: every array's rows ``[first, last)``."""
+    layout, rows = plan.layout, last - first
     buffer = {
         schema.h_name(k): np.empty((rows, p.n_tokens, p.n_channels), layout.dtype)
         for k, p in enumerate(layout.points)
     }
     buffer[schema.FEATURES] = np.empty((rows, layout.n_features), layout.dtype)
+    buffer[schema.LABEL] = plan.source.labels[first:last]
+    buffer[schema.SAMPLE_ID] = np.asarray(plan.source.sample_ids[first:last], dtype=str)
     return buffer
 
 
@@ -292,9 +301,9 @@ def profile(case: Case, plan: ExtractionPlan) -> Breakdown:
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="rba-bench-") as tmp:
         group = schema.create_store(Path(tmp) / "store", plan.description, plan.layout)
-        for shard_idx, ranges in shard_batches(plan):
+        for shard_idx, ranges in enumerate(shard_batches(plan)):
             first, last = plan.layout.shard_rows(shard_idx)
-            buffer = _buffer(plan, last - first)
+            buffer = _buffer(plan, first, last)
             for start, stop in ranges:
                 with timed(totals, "load"):
                     x = load(plan, start, stop)
@@ -331,7 +340,7 @@ def _model_label(case: Case) -> str:
     return "default (embedded)" if case.model is None else case.model
 
 
-def _cr(value: float | None) -> str:
+def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -348,7 +357,7 @@ def results_table(results: Sequence[CaseResult]) -> str:
             f"{r.n_shards} x {r.shard_samples} | {c.dtype} | {c.codec} | {r.extract_s:.2f} | "
             f"{r.load_forward_s:.2f} | {r.forward_s:.2f} | **{r.ratio:.2f}** | "
             f"{r.ratio_forward:.2f} | {r.bytes_per_image / 1024:.1f} | "
-            f"{_cr(r.compression_ratio)} |"
+            f"{_fmt_ratio(r.compression_ratio)} |"
         )
     return "\n".join(lines)
 
@@ -371,7 +380,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Extraction time ÷ bare forward time (median of alternating runs).",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="vit_tiny on 128 samples instead of all 1437"
+        "--quick", action="store_true", help="vit_tiny on 256 samples instead of all 1437"
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     parser.add_argument(
@@ -391,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.append(measure(case, plan))
         if args.profile:
             breakdowns.append(profile(case, plan))
-        print(f"measured {case} in {time.perf_counter() - started:.0f} s", flush=True)
+        elapsed = time.perf_counter() - started
+        print(f"measured {case.label} ({elapsed:.0f} s so far)", flush=True)
     info["loadavg_after"] = list(os.getloadavg())
     report = [
         f"machine: {info['cpus']} CPUs, torch {info['torch']} with {info['torch_threads']} "

@@ -248,6 +248,39 @@ def _holdout_sums(
     return compute(tree_reduce(parts, _merge_holdout), options.scheduler, options.scheduler_file)
 
 
+def _eval_indices(
+    options: FitOptions, description: dict[str, Any], spans: list[Span]
+) -> np.ndarray | None:
+    """All samples of ``--eval-store``, after checking it comes from the same model."""
+    if options.eval_store is None:
+        return None
+    group = schema.open_store(options.eval_store)
+    layout = schema.read_layout(group)
+    eval_description = schema.read_description(group)
+    check_spans(spans, layout, options.eval_store)
+    check_tokens(eval_description, options.tokens, options.eval_store)
+    if eval_description["model"]["weights"] != description["model"]["weights"]:
+        raise UsageError(
+            f"--eval-store {options.eval_store!r} was extracted from other model weights than "
+            "the fit store; pass a store of the same model"
+        )
+    return usable_samples(group, layout, options.eval_store, False)
+
+
+def _check_rows(
+    n_rows: int, spans: list[Span], layout: schema.StoreLayout, options: FitOptions
+) -> None:
+    """Refuse an underdetermined system (fewer rows than unknowns) unless ridge is asked for."""
+    for a, _ in spans:
+        d_in = layout.points[a].n_channels
+        needed = d_in + 1 if options.bias else d_in
+        if n_rows < needed and not options.ridge:
+            raise UsageError(
+                f"only {n_rows} rows to fit h{a} with {d_in} channels: the system is "
+                "underdetermined; pass --ridge (e.g. 1e-3) or use more samples"
+            )
+
+
 def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
     """Fit every span of ``options`` from ``store`` in one pass; save each under ``fits/``."""
     store = str(store)
@@ -273,33 +306,14 @@ def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
                     f"fit {name!r} already exists in {store!r}; pass --overwrite to replace it, "
                     "or --name for another name"
                 )
-    eval_indices = None
-    if options.eval_store is not None:
-        eval_description = schema.read_description(schema.open_store(options.eval_store))
-        eval_layout = schema.read_layout(schema.open_store(options.eval_store))
-        check_spans(spans, eval_layout, options.eval_store)
-        check_tokens(eval_description, options.tokens, options.eval_store)
-        if eval_description["model"]["weights"] != description["model"]["weights"]:
-            raise UsageError(
-                f"--eval-store {options.eval_store!r} was extracted from other model weights "
-                f"than {store!r}; pass a store of the same model"
-            )
-        eval_group = schema.open_store(options.eval_store)
-        eval_indices = usable_samples(eval_group, eval_layout, options.eval_store, False)
+    eval_indices = _eval_indices(options, description, spans)
 
     available = usable_samples(group, layout, store, options.allow_incomplete)
     fit_idx, held_idx = _split_holdout(options.selection.indices(available, store), options)
     cls_only = options.tokens == "cls"
-    tokens_per_sample = 1 if cls_only else layout.points[0].n_tokens
-    n_rows = len(fit_idx) * tokens_per_sample
-    for a, _ in spans:
-        d_in = layout.points[a].n_channels
-        needed = d_in + 1 if options.bias else d_in
-        if n_rows < needed and not options.ridge:
-            raise UsageError(
-                f"only {n_rows} rows to fit h{a} with {d_in} channels: the system is "
-                "underdetermined; pass --ridge (e.g. 1e-3) or use more samples"
-            )
+    _check_rows(
+        len(fit_idx) * (1 if cls_only else layout.points[0].n_tokens), spans, layout, options
+    )
 
     sources: dict[int, list[int]] = {}
     for a, b in spans:
@@ -332,7 +346,8 @@ def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
     if len(held_idx):
         held = _holdout_sums(store, held_idx, cls_only, maps, options)
         held_source = {"kind": "holdout", "fraction": options.holdout, "samples": len(held_idx)}
-    elif eval_indices is not None and options.eval_store is not None:
+    elif eval_indices is not None:
+        assert options.eval_store is not None
         held = _holdout_sums(options.eval_store, eval_indices, cls_only, maps, options)
         held_source = {
             "kind": "eval_store",
