@@ -1,0 +1,116 @@
+"""Replacing spans of blocks with fitted linear maps (or the identity); sizes and costs.
+
+Span ``(a, b]`` means blocks a+1..b in the method's 1-based numbering, i.e. ``model.blocks[a:b]``
+in timm's 0-based list; they are replaced by one module that maps ``h_a`` to ``h_b`` token by
+token. The rest of the network (earlier and later blocks, final norm, pooling, head) is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from rba_store.errors import ModelError, UsageError
+
+Span = tuple[int, int]
+
+
+class LinearReplacement(nn.Module):
+    """``y = x @ T + bias`` on every token vector: the fitted stand-in for a span of blocks."""
+
+    def __init__(self, t: torch.Tensor | np.ndarray, bias: torch.Tensor | np.ndarray | None = None):
+        super().__init__()
+        t = torch.as_tensor(np.asarray(t), dtype=torch.float32)
+        self.weight = nn.Parameter(t.T.contiguous(), requires_grad=False)  # (out, in), as nn.Linear
+        b = torch.zeros(t.shape[1]) if bias is None else torch.as_tensor(np.asarray(bias))
+        self.bias = nn.Parameter(b.to(torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}"
+
+
+@dataclass(frozen=True)
+class SpanMap:
+    """What replaces one span: a fitted map (``t``, ``bias``) or, with ``t=None``, the identity."""
+
+    span: Span
+    t: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    def module(self) -> nn.Module:
+        return nn.Identity() if self.t is None else LinearReplacement(self.t, self.bias)
+
+
+def check_span_maps(maps: Sequence[SpanMap], n_blocks: int, width: int) -> None:
+    """Spans inside the model, not overlapping, maps of the model's width."""
+    ordered = sorted(maps, key=lambda m: m.span)
+    for m in ordered:
+        a, b = m.span
+        if not 0 <= a < b <= n_blocks:
+            raise UsageError(f"span {a}:{b} is out of range for a model of {n_blocks} blocks")
+        if m.t is not None and tuple(m.t.shape) != (width, width):
+            raise UsageError(
+                f"the map for span {a}:{b} is {m.t.shape[0]}x{m.t.shape[1]}, but the model's "
+                f"blocks are {width} wide; fit it on a store of this model"
+            )
+    for left, right in itertools.pairwise(ordered):
+        if right.span[0] < left.span[1]:
+            raise UsageError(
+                f"spans {left.span[0]}:{left.span[1]} and {right.span[0]}:{right.span[1]} "
+                "overlap; replace non-overlapping spans"
+            )
+
+
+def replace_spans(model: nn.Module, maps: Sequence[SpanMap]) -> nn.Module:
+    """A copy of a ViT-family model with each span's blocks replaced by its map."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        raise ModelError(
+            "span replacement needs a model with a sequential .blocks (timm ViT family)"
+        )
+    width = int(getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0))
+    check_span_maps(maps, len(blocks), width)
+    new = copy.deepcopy(model)
+    modules = list(new.blocks)
+    for m in sorted(maps, key=lambda m: m.span, reverse=True):  # right to left: indices stay valid
+        a, b = m.span
+        modules[a:b] = [m.module()]
+    new.blocks = nn.Sequential(*modules)
+    return new.eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass on one input, counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *input_shape)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def images_per_second(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Throughput on a batch (best of ``repeats``, after a warm-up)."""
+    with torch.inference_mode():
+        model(x[:2])
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - start)
+    return len(x) / best
