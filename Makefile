@@ -15,11 +15,12 @@ $(BIN)/rba-store: pyproject.toml constraints.txt
 
 setup: $(BIN)/rba-store
 
-demo: setup  ## the main job on the embedded default: extract -> info -> stats -> fit
+demo: setup  ## the main job on the embedded default: extract -> stats -> fit -> evaluate
 	$(BIN)/rba-store extract --out runs/demo.zarr --overwrite
 	$(BIN)/rba-store info runs/demo.zarr
 	$(BIN)/rba-store stats runs/demo.zarr --plots runs/demo-plots
-	$(BIN)/rba-store fit runs/demo.zarr --auto 3 --holdout 0.2 --overwrite
+	$(BIN)/rba-store fit runs/demo.zarr --auto 3 --holdout 0.2 --name demo --overwrite
+	$(BIN)/rba-store evaluate runs/demo.zarr --auto --plots runs/demo-plots
 
 test: setup
 	$(BIN)/python -m pytest
