@@ -123,7 +123,8 @@ def fit_name(span: Span, options: FitOptions, n_spans: int) -> str:
 
 
 def _rows(chunk: np.ndarray, local: np.ndarray, cls_only: bool) -> np.ndarray:
-    points = chunk[local]
+    whole = len(local) == len(chunk) and local[0] == 0 and local[-1] == len(chunk) - 1
+    points = chunk if whole else chunk[local]  # no copy when the whole shard is selected
     if cls_only:
         points = points[:, :1]
     return points.reshape(-1, points.shape[-1])
@@ -157,9 +158,8 @@ def _accumulate(
     out = {}
     for a, targets in plan:
         x = xp.asarray(_rows(chunks[position[a]], local, cls_only))
-        y = xp.concatenate(
-            [xp.asarray(_rows(chunks[position[b]], local, cls_only)) for b in targets], axis=1
-        )
+        ys = [xp.asarray(_rows(chunks[position[b]], local, cls_only)) for b in targets]
+        y = ys[0] if len(ys) == 1 else xp.concatenate(ys, axis=1)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported below
             ne = NormalEquations.from_chunk(x, y, xp, gemm_dtype)
         finite = xp.isfinite(xp.diagonal(ne.sxx)).all() and xp.isfinite(ne.syy).all()

@@ -21,6 +21,16 @@ COND_LIMIT = 1e10  # above this condition number of the system, Cholesky gives w
 GEMM_DTYPES = ("float64", "float32")
 
 
+def _centred_float64(a: Any, xp: ModuleType) -> tuple[Any, Any]:
+    """``a - mean(a)`` in float64 and the mean; in place when the cast already made a copy."""
+    a64 = xp.asarray(a, dtype=xp.float64)
+    mean = a64.mean(axis=0)
+    if a64 is a:  # already float64: do not modify the caller's array
+        return a64 - mean, mean
+    a64 -= mean
+    return a64, mean
+
+
 @dataclass
 class NormalEquations:
     """Row count, means and centred products of rows ``x`` (r, i) and ``y`` (r, o), in float64.
@@ -45,17 +55,15 @@ class NormalEquations:
         """The accumulator of one chunk. ``gemm_dtype="float32"`` runs the two products in float32
         (after centring in float64); results are still accumulated in float64 across chunks."""
         xp = xp or array_module(x_ri)
-        x = xp.asarray(x_ri, dtype=xp.float64)
-        y = xp.asarray(y_ro, dtype=xp.float64)
-        mean_x, mean_y = x.mean(axis=0), y.mean(axis=0)
-        xc, yc = x - mean_x, y - mean_y
+        xc, mean_x = _centred_float64(x_ri, xp)
+        yc, mean_y = _centred_float64(y_ro, xp)
         if gemm_dtype == "float32":
             xc32, yc32 = xc.astype(xp.float32), yc.astype(xp.float32)
             sxx = (xc32.T @ xc32).astype(xp.float64)
             sxy = (xc32.T @ yc32).astype(xp.float64)
         else:
             sxx, sxy = xc.T @ xc, xc.T @ yc
-        return cls(len(x), mean_x, mean_y, sxx, sxy, (yc * yc).sum(axis=0))
+        return cls(len(xc), mean_x, mean_y, sxx, sxy, (yc * yc).sum(axis=0))
 
     def merge(self, other: NormalEquations) -> NormalEquations:
         """Exact combination with an accumulator of other rows."""
