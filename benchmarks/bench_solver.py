@@ -145,7 +145,7 @@ def run_memory(d: int, n_samples: int, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="500 samples, D up to 1024, 3 repeats")
+    parser.add_argument("--full", action="store_true", help="1000 samples, D up to 1024, 3 repeats")
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     parser.add_argument(
         "--child", nargs=3, metavar=("METHOD", "STORE", "OUT"), help=argparse.SUPPRESS
@@ -155,7 +155,7 @@ def main() -> None:
         child(*args.child)
         return
     widths = (192, 384, 768, 1024) if args.full else (192, 384, 768)
-    n_samples = 500 if args.full else 200
+    n_samples = 1000 if args.full else 400
     repeats = 3 if args.full else 1
     with tempfile.TemporaryDirectory(prefix="rba-bench-solver-") as tmp:
         work = Path(tmp)

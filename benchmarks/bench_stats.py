@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 import torch
 
 from rba_store import schema
+from rba_store.daskutil import on_shard, shard_ranges
 from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
 from rba_store.stats import compute_block_stats
 
@@ -47,22 +47,17 @@ def make_inputs(path: Path, n_samples: int) -> None:
     np.savez(path, x=tiled + noise)
 
 
+def _count(*chunks: np.ndarray) -> int:
+    return sum(c.shape[0] for c in chunks)
+
+
 def read_all(store: Path) -> None:
-    """Read and decompress every shard of every h_k with the statistics' chunking, do nothing."""
-    group = schema.open_store(store)
-    layout = schema.read_layout(group)
-    arrays = [
-        da.from_zarr(
-            group[schema.h_name(k)], chunks=(layout.shard_samples, p.n_tokens, p.n_channels)
-        )
-        for k, p in enumerate(layout.points)
-    ]
-    touch = dask.delayed(lambda *chunks: sum(c.shape[0] for c in chunks), pure=True)
-    tasks = [
-        touch(*[a.blocks[s].to_delayed().ravel()[0] for a in arrays])
-        for s in range(layout.n_shards)
-    ]
-    dask.compute(*tasks)
+    """Read and decompress every shard of every h_k with the statistics' task layout, do nothing."""
+    layout = schema.read_layout(schema.open_store(store))
+    points = list(range(len(layout.points)))
+    task = dask.delayed(on_shard, pure=True)
+    ranges = shard_ranges(layout, np.arange(layout.n_samples))
+    dask.compute(*[task(_count, str(store), points, start, stop) for _, start, stop in ranges])
 
 
 def gemm_gflops(rows: int, p: int) -> float:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
-import dask.array as da
+import numpy as np
 import zarr
 from dask.delayed import Delayed
 
@@ -15,18 +15,30 @@ from rba_store import schema
 from rba_store.errors import UsageError
 
 
-def shard_chunks(group: zarr.Group, points: list[int]) -> list[list[Delayed]]:
-    """Lazy reads of the given ``h_k``, one shard-aligned chunk per shard: ``[shard][i]``."""
-    layout = schema.read_layout(group)
-    arrays = []
-    for k in points:
-        p = layout.points[k]
-        chunks = (layout.shard_samples, p.n_tokens, p.n_channels)
-        arrays.append(da.from_zarr(group[schema.h_name(k)], chunks=chunks))
-    return [
-        [array.blocks[shard].to_delayed().ravel()[0] for array in arrays]
-        for shard in range(layout.n_shards)
-    ]
+def shard_ranges(
+    layout: schema.StoreLayout, indices: np.ndarray
+) -> list[tuple[np.ndarray, int, int]]:
+    """``(local indices, start, stop)`` of every shard holding some of the selected samples."""
+    out = []
+    for shard in range(layout.n_shards):
+        start, stop = layout.shard_rows(shard)
+        local = indices[(indices >= start) & (indices < stop)] - start
+        if len(local):
+            out.append((local, start, stop))
+    return out
+
+
+def on_shard(
+    fn: Callable[..., Any], store: str, points: list[int], start: int, stop: int, *args: Any
+) -> Any:
+    """Read ``h_k[start:stop]`` for every k in ``points`` and call ``fn(*args, *chunks)``.
+
+    Reading inside the task that consumes the data (rather than as separate Dask tasks) keeps
+    at most one shard per running task in memory: the scheduler cannot read ahead.
+    """
+    group = zarr.open_group(store, mode="r", use_consolidated=False)
+    chunks = [group[schema.h_name(k)][start:stop] for k in points]
+    return fn(*args, *chunks)
 
 
 def tree_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any]) -> Delayed:

@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from rba_store import schema
-from rba_store.daskutil import compute, shard_chunks, tree_reduce
+from rba_store.daskutil import compute, on_shard, shard_ranges, tree_reduce
 from rba_store.errors import NonFiniteError, UsageError
 from rba_store.selection import SampleSelection, check_tokens, usable_samples
 from rba_store.solve._backend import get_xp
@@ -201,19 +201,6 @@ def _merge_holdout(left: list[HoldoutSums], right: list[HoldoutSums]) -> list[Ho
 # -- graphs ------------------------------------------------------------------------------------
 
 
-def _per_shard(store: str, indices: np.ndarray, points: list[int]) -> list[tuple[Any, ...]]:
-    """(local indices, shard start, lazy chunks) for every shard holding selected samples."""
-    group = schema.open_store(store)
-    layout = schema.read_layout(group)
-    out = []
-    for shard, chunks in enumerate(shard_chunks(group, points)):
-        start, stop = layout.shard_rows(shard)
-        local = indices[(indices >= start) & (indices < stop)] - start
-        if len(local):
-            out.append((local, start, chunks))
-    return out
-
-
 def _split_holdout(indices: np.ndarray, options: FitOptions) -> tuple[np.ndarray, np.ndarray]:
     if options.holdout is None:
         return indices, indices[:0]
@@ -240,10 +227,11 @@ def _holdout_sums(
     options: FitOptions,
 ) -> list[HoldoutSums]:
     points = sorted({a for a, *_ in maps} | {b for _, b, *_ in maps})
-    task = dask.delayed(_holdout, pure=True)
+    layout = schema.read_layout(schema.open_store(store))
+    task = dask.delayed(on_shard, pure=True)
     parts = [
-        task(local, cls_only, maps, points, *chunks)
-        for local, _, chunks in _per_shard(store, indices, points)
+        task(_holdout, store, points, start, stop, local, cls_only, maps, points)
+        for local, start, stop in shard_ranges(layout, indices)
     ]
     return compute(tree_reduce(parts, _merge_holdout), options.scheduler, options.scheduler_file)
 
@@ -320,10 +308,23 @@ def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
         sources.setdefault(a, []).append(b)
     plan = sorted(sources.items())
     points = sorted({a for a, _ in spans} | {b for _, b in spans})
-    task = dask.delayed(_accumulate, pure=True)
+    task = dask.delayed(on_shard, pure=True)
     parts = [
-        task(local, start, cls_only, plan, points, options.backend, options.gemm_dtype, *chunks)
-        for local, start, chunks in _per_shard(store, fit_idx, points)
+        task(
+            _accumulate,
+            store,
+            points,
+            start,
+            stop,
+            local,
+            start,
+            cls_only,
+            plan,
+            points,
+            options.backend,
+            options.gemm_dtype,
+        )
+        for local, start, stop in shard_ranges(layout, fit_idx)
     ]
     equations = compute(
         tree_reduce(parts, _merge_equations), options.scheduler, options.scheduler_file

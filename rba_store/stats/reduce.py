@@ -16,7 +16,7 @@ import numpy as np
 from dask.delayed import Delayed
 
 from rba_store import schema
-from rba_store.daskutil import compute, shard_chunks, tree_reduce
+from rba_store.daskutil import compute, on_shard, shard_ranges, tree_reduce
 from rba_store.selection import SampleSelection, check_tokens, usable_samples
 from rba_store.stats.moments import BlockPartials, chunk_partials
 from rba_store.stats.result import BlockStats
@@ -39,16 +39,13 @@ def stats_graph(
     store: str | Path, indices: np.ndarray, tokens: str = "all", cka: bool = True
 ) -> tuple[Delayed, list[int]]:
     """The lazy reduction (one task per shard holding selected samples) and the point widths."""
-    group = schema.open_store(store)
-    layout = schema.read_layout(group)
-    reads = shard_chunks(group, list(range(len(layout.points))))
-    task = dask.delayed(_shard_partials, pure=True)
-    parts = []
-    for shard, chunks in enumerate(reads):
-        start, stop = layout.shard_rows(shard)
-        local = indices[(indices >= start) & (indices < stop)] - start
-        if len(local):
-            parts.append(task(local, tokens == "cls", cka, *chunks))
+    layout = schema.read_layout(schema.open_store(store))
+    points = list(range(len(layout.points)))
+    task = dask.delayed(on_shard, pure=True)
+    parts = [
+        task(_shard_partials, str(store), points, start, stop, local, tokens == "cls", cka)
+        for local, start, stop in shard_ranges(layout, indices)
+    ]
     widths = [p.n_channels for p in layout.points]
     return tree_reduce(parts, _merge), widths
 
