@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -72,7 +73,24 @@ def dask_client(scheduler: str | None = None, scheduler_file: str | None = None)
         yield client
 
 
-def compute(graph: Delayed, scheduler: str | None = None, scheduler_file: str | None = None) -> Any:
-    """Compute a delayed result locally (threads) or on a running ``dask.distributed`` cluster."""
+def compute(
+    graph: Delayed,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    n_tasks: int = 1,
+) -> Any:
+    """Compute a delayed result locally (threads) or on a running ``dask.distributed`` cluster.
+
+    Locally, the shard tasks' GEMMs share the cores with Dask's threads: BLAS gets
+    ``cores // concurrent tasks`` threads each, so that one task's GEMM does not fight another's
+    (oversubscription) and one task's read overlaps another's GEMM.
+    """
     with dask_client(scheduler, scheduler_file) as client:
-        return client.compute(graph).result() if client is not None else graph.compute()
+        if client is not None:
+            return client.compute(graph).result()
+        from threadpoolctl import threadpool_limits
+
+        cores = os.cpu_count() or 1
+        blas_threads = max(1, cores // max(1, min(n_tasks, cores)))
+        with threadpool_limits(limits=blas_threads, user_api="blas"):
+            return graph.compute()

@@ -233,7 +233,8 @@ def _holdout_sums(
         task(_holdout, store, points, start, stop, local, cls_only, maps, points)
         for local, start, stop in shard_ranges(layout, indices)
     ]
-    return compute(tree_reduce(parts, _merge_holdout), options.scheduler, options.scheduler_file)
+    merged = tree_reduce(parts, _merge_holdout)
+    return compute(merged, options.scheduler, options.scheduler_file, len(parts))
 
 
 def _eval_indices(
@@ -327,7 +328,7 @@ def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
         for local, start, stop in shard_ranges(layout, fit_idx)
     ]
     equations = compute(
-        tree_reduce(parts, _merge_equations), options.scheduler, options.scheduler_file
+        tree_reduce(parts, _merge_equations), options.scheduler, options.scheduler_file, len(parts)
     )
 
     solutions: dict[Span, tuple[Solution, float]] = {}

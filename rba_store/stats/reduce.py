@@ -73,7 +73,8 @@ def compute_block_stats(
     available = usable_samples(group, layout, str(store), allow_incomplete)
     indices = selection.indices(available, str(store))
     graph, widths = stats_graph(store, indices, tokens, cka)
-    partials = compute(graph, scheduler, scheduler_file)
+    n_tasks = len(shard_ranges(schema.read_layout(schema.open_store(store)), indices))
+    partials = compute(graph, scheduler, scheduler_file, n_tasks)
     attrs = {
         "kind": "block_stats",
         "store_fingerprint": description["fingerprint"],
