@@ -17,6 +17,7 @@ from torch import nn
 
 from rba_store import schema
 from rba_store.approx import (
+    LinearReplacement,
     SpanMap,
     count_flops,
     count_parameters,
@@ -146,8 +147,6 @@ def evaluate_variants(
 
 
 def _is_block(module: nn.Module) -> bool:
-    from rba_store.approx import LinearReplacement
-
     return not isinstance(module, LinearReplacement | nn.Identity)
 
 

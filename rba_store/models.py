@@ -196,11 +196,3 @@ def model_weights_sha256(model: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
