@@ -145,6 +145,12 @@ def extract(
     shard_samples: Annotated[
         int | None, typer.Option(help="Samples per shard, a multiple of the chunk.")
     ] = None,
+    num_workers: Annotated[
+        int, typer.Option(help="Processes filling this store together (one per GPU or node).")
+    ] = 1,
+    worker_index: Annotated[
+        int, typer.Option(help="Which of --num-workers this process is (0-based).")
+    ] = 0,
     dry_run: Annotated[
         bool, typer.Option(help="Print the store's size and memory per batch; write nothing.")
     ] = False,
@@ -173,6 +179,8 @@ def extract(
         shard_mb=shard_mb,
         chunk_samples=chunk_samples,
         shard_samples=shard_samples,
+        num_workers=num_workers,
+        worker_index=worker_index,
     )
     out = out or _default_out(model, data, split)
     plan = plan_extraction(options)
@@ -196,9 +204,10 @@ def extract(
             "  nothing was written"
         )
         return
-    done = 0
+    done = shards_before = 0
     if is_store(out) and not overwrite:
         done_mask = completed_shards(open_store(out))
+        shards_before = int(done_mask.sum())
         done = sum(
             b - a
             for i, (a, b) in enumerate(map(layout.shard_rows, range(layout.n_shards)))
@@ -210,15 +219,20 @@ def extract(
 
     info = store_info(out)
     rate = result.samples_written / result.seconds if result.seconds > 0 else 0.0
-    if result.resumed and result.shards_written == 0:
+    complete = info["complete"]
+    if result.resumed and result.shards_written == 0 and complete:
         head = f"{out} is already complete ({layout.n_shards} shards); nothing to do"
     else:
         resumed = (
-            f" (resumed: {layout.n_shards - result.shards_written} of {layout.n_shards} shards "
-            "were already complete)"
+            f" (resumed: {shards_before} of {layout.n_shards} shards were already complete)"
             if result.resumed
             else ""
         )
+        if not complete:
+            resumed += (
+                f"; {info['shards_complete']}/{layout.n_shards} shards complete so far "
+                "(other workers fill the rest)"
+            )
         head = (
             f"extracted {result.samples_written} samples in {result.seconds:.1f} s "
             f"({rate:,.0f} img/s) into {out}{resumed}"
@@ -585,6 +599,29 @@ def _sweep_summary(report: dict[str, Any]) -> str:
         f"{most('linear')} blocks can be replaced by linear maps, "
         f"{most('identity')} dropped (identity)"
     )
+
+
+@app.command()
+def validate(
+    store: Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> int:
+    """Check the ledger against the data, the fingerprint, that shards decode, NaN/Inf."""
+    from rba_store.validate import validate_store
+
+    report = validate_store(store)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        state = "complete" if report["complete"] else "INCOMPLETE"
+        typer.echo(
+            f"{store}: {report['shards_complete']}/{report['n_shards']} shards complete "
+            f"({state}), {report['shards_checked']} checked: "
+            + ("no problem found" if report["ok"] else f"{len(report['problems'])} problem(s)")
+        )
+        for problem in report["problems"]:
+            typer.echo(f"  - {problem}")
+    return 0 if report["ok"] else EXIT_ERROR
 
 
 def _error(message: str, code: int) -> int:

@@ -12,6 +12,7 @@ import datetime as _dt
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +57,8 @@ class ExtractOptions:
     shard_mb: float = 16.0
     chunk_samples: int | None = None
     shard_samples: int | None = None
+    num_workers: int = 1  # processes filling the same store, each its own shards
+    worker_index: int = 0
 
 
 @dataclass
@@ -130,6 +133,11 @@ def _check_options(options: ExtractOptions) -> None:
         raise UsageError(
             f"--device {options.device!r} is not a torch device; use cpu or cuda"
         ) from e
+    if options.num_workers < 1 or not 0 <= options.worker_index < options.num_workers:
+        raise UsageError(
+            f"--worker-index {options.worker_index} of --num-workers {options.num_workers} is "
+            f"invalid; pass 0 <= worker index < {max(options.num_workers, 1)}"
+        )
     if not 0 <= options.clevel <= 22:
         raise UsageError(f"--clevel {options.clevel} is out of range; use 0..22 (zstd) or 0..9")
 
@@ -204,9 +212,17 @@ def _open_or_create(plan: ExtractionPlan, out: Path, overwrite: bool) -> tuple[z
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.creating-{os.getpid()}")
     schema.create_store(staging, plan.description, plan.layout)
-    if out.exists():
-        out.rmdir()
-    os.replace(staging, out)
+    try:
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except OSError:  # another worker created it first: use theirs if it is the same extraction
+        shutil.rmtree(staging, ignore_errors=True)
+        if not schema.is_store(out):
+            raise
+        group = schema.open_store(out, mode="r+")
+        schema.check_compatible(group, plan.description)
+        return group, True
     return schema.open_store(out, mode="r+"), False
 
 
@@ -287,7 +303,9 @@ def run_extraction(
     """Fill the store at ``out``: create it, or resume it when it holds the same configuration."""
     out = Path(out)
     group, resumed = _open_or_create(plan, out, overwrite)
-    todo = [int(i) for i in np.flatnonzero(~schema.completed_shards(group))]
+    workers, index = plan.options.num_workers, plan.options.worker_index
+    todo = [int(i) for i in np.flatnonzero(~schema.completed_shards(group)) if i % workers == index]
+    claim = schema.claim_worker(group, index, workers)
     started = time.perf_counter()
     samples = 0
     writer = _ShardWriter(group, plan.layout)
@@ -327,6 +345,7 @@ def run_extraction(
         try:
             writer.close()
         finally:
+            schema.release_claim(group, claim)
             schema.consolidate(out)
     return ExtractionResult(
         store_path=out,

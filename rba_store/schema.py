@@ -12,11 +12,14 @@ This is the only module that knows the store's array paths and attribute keys (s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
+import socket
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +36,7 @@ from rba_store.errors import ConfigMismatchError, StoreError, UsageError
 FORMAT_VERSION = 1
 ATTRS_KEY = "rba_store"
 LEDGER_PATH = "ledger/shards"
+CLAIMS_GROUP = "claims"
 FEATURES, LABEL, SAMPLE_ID = "features", "label", "sample_id"
 SAMPLE_DIM = "sample"
 CODECS = ("blosc-zstd", "zstd", "blosc-lz4", "none")
@@ -347,6 +351,7 @@ def create_store(
         fill_value=0,
         dimension_names=("shard",),
     )
+    group.create_group(CLAIMS_GROUP)
     # The description goes last: a store without it is not yet a store (``is_store``).
     group.attrs[ATTRS_KEY] = normalize(dict(description))
     return group
@@ -390,6 +395,54 @@ def completed_shards(group: zarr.Group) -> np.ndarray:
 def mark_shard_complete(group: zarr.Group, shard_idx: int) -> None:
     """Record a shard as complete; called only after all its arrays are written."""
     group[LEDGER_PATH][shard_idx] = 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_worker(group: zarr.Group, index: int, n_workers: int) -> str:
+    """Record that this process fills the shards of worker ``index`` of ``n_workers``.
+
+    A live claim by another process (same host) is refused; a stale one (its process is gone) is
+    taken over. Returns the claim's path, for :func:`release_claim`.
+    """
+    path = f"{CLAIMS_GROUP}/worker-{index}-of-{n_workers}"
+    host = socket.gethostname()
+    try:
+        owner = dict(group[path].attrs)
+    except KeyError:
+        owner = None
+    live = owner and (owner.get("host") != host or _alive(int(owner["pid"])))
+    if owner and owner.get("pid") != os.getpid() and live:
+        raise ConfigMismatchError(
+            f"worker {index} of {n_workers} is already filling this store (pid "
+            f"{owner.get('pid')} on {owner.get('host')}); give each process its own "
+            "--worker-index, or wait for that one to finish"
+        )
+    if owner:
+        release_claim(group, path)  # stale (or our own): replace it
+    if CLAIMS_GROUP not in group:  # stores made before claims existed
+        group.create_group(CLAIMS_GROUP)
+    group[CLAIMS_GROUP].create_array(
+        path.split("/", 1)[1],
+        shape=(0,),
+        dtype="uint8",
+        dimension_names=("claim",),
+        attributes={"pid": os.getpid(), "host": host},
+    )
+    return path
+
+
+def release_claim(group: zarr.Group, path: str) -> None:
+    with contextlib.suppress(KeyError):
+        del group[path]
 
 
 def consolidate(path: str | Path) -> None:
