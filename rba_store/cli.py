@@ -51,6 +51,22 @@ class Codec(str, Enum):
     none = "none"
 
 
+# Options shared by several commands.
+StoreArg = Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Use the first N samples.")]
+SampleOpt = Annotated[int | None, typer.Option(help="Use N samples drawn at random.")]
+SchedulerOpt = Annotated[
+    str | None, typer.Option(help="Address of a running dask.distributed scheduler.")
+]
+SchedulerFileOpt = Annotated[
+    Path | None, typer.Option(help="Scheduler file of a running dask.distributed cluster.")
+]
+AllowIncompleteOpt = Annotated[
+    bool, typer.Option(help="Use the complete shards of an unfinished store.")
+]
+
+
 @app.callback()
 def _root(
     verbose: Annotated[
@@ -247,8 +263,8 @@ def extract(
 
 @app.command()
 def info(
-    store: Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    store: StoreArg,
+    as_json: JsonOpt = False,
 ) -> None:
     """Shapes, dtype, codec, bytes stored vs raw, completeness and provenance of a store."""
     from rba_store.info import format_info, store_info
@@ -259,27 +275,21 @@ def info(
 
 @app.command()
 def stats(
-    store: Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")],
+    store: StoreArg,
     tokens: Annotated[Tokens, typer.Option(help="Token vectors: all (flattened) or cls.")] = (
         Tokens.all
     ),
-    limit: Annotated[int | None, typer.Option(help="Use the first N samples.")] = None,
-    sample: Annotated[int | None, typer.Option(help="Use N samples drawn at random.")] = None,
+    limit: LimitOpt = None,
+    sample: SampleOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
     name: Annotated[
         str | None, typer.Option(help="Save as stats/NAME [default: from the options].")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    as_json: JsonOpt = False,
     plots: Annotated[Path | None, typer.Option(help="Write PNG figures into this folder.")] = None,
-    scheduler: Annotated[
-        str | None, typer.Option(help="Address of a running dask.distributed scheduler.")
-    ] = None,
-    scheduler_file: Annotated[
-        Path | None, typer.Option(help="Scheduler file of a running dask.distributed cluster.")
-    ] = None,
-    allow_incomplete: Annotated[
-        bool, typer.Option(help="Use the complete shards of an unfinished store.")
-    ] = False,
+    scheduler: SchedulerOpt = None,
+    scheduler_file: SchedulerFileOpt = None,
+    allow_incomplete: AllowIncompleteOpt = False,
     overwrite: Annotated[
         bool, typer.Option(help="Recompute and replace saved statistics of the same name.")
     ] = False,
@@ -380,7 +390,7 @@ def _format_fit(fit: Any) -> str:
 
 @app.command()
 def fit(
-    store: Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")],
+    store: StoreArg,
     span: Annotated[
         list[str] | None, typer.Option(help="a:b fits h_a -> h_b (replaces blocks a+1..b).")
     ] = None,
@@ -393,8 +403,8 @@ def fit(
     tokens: Annotated[Tokens, typer.Option(help="Rows: every token vector, or cls only.")] = (
         Tokens.all
     ),
-    limit: Annotated[int | None, typer.Option(help="Use the first N samples.")] = None,
-    sample: Annotated[int | None, typer.Option(help="Use N samples drawn at random.")] = None,
+    limit: LimitOpt = None,
+    sample: SampleOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of --sample and --holdout.")] = 0,
     holdout: Annotated[
         float | None, typer.Option(help="Hold out this fraction of samples for diagnostics.")
@@ -410,21 +420,15 @@ def fit(
     gemm: Annotated[
         Gemm, typer.Option(help="Precision of the per-chunk products (float64 accumulation).")
     ] = Gemm.float64,
-    scheduler: Annotated[
-        str | None, typer.Option(help="Address of a running dask.distributed scheduler.")
-    ] = None,
-    scheduler_file: Annotated[
-        Path | None, typer.Option(help="Scheduler file of a running dask.distributed cluster.")
-    ] = None,
+    scheduler: SchedulerOpt = None,
+    scheduler_file: SchedulerFileOpt = None,
     name: Annotated[str | None, typer.Option(help="Save as fits/NAME [default: a-b...].")] = None,
     export: Annotated[
         Path | None, typer.Option(help="Also write each fit as DIR/<name>.safetensors.")
     ] = None,
-    allow_incomplete: Annotated[
-        bool, typer.Option(help="Use the complete shards of an unfinished store.")
-    ] = False,
+    allow_incomplete: AllowIncompleteOpt = False,
     overwrite: Annotated[bool, typer.Option(help="Replace fits of the same name.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fit the linear maps T (h_a -> h_b) that replace spans of blocks, in one pass."""
     from rba_store.selection import SampleSelection
@@ -526,7 +530,7 @@ def apply(
 
 @app.command()
 def evaluate(
-    store: Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")],
+    store: StoreArg,
     fit_names: Annotated[
         list[str] | None, typer.Option("--fit", help="Evaluate this saved fit (repeatable).")
     ] = None,
@@ -544,7 +548,7 @@ def evaluate(
         Path | None, typer.Option(help="The model's weights file, if it has moved.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Test images per batch.")] = 256,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Accuracy, parameters, FLOPs and speed of the original and approximated models."""
     from rba_store.evaluate import (
@@ -603,8 +607,8 @@ def _sweep_summary(report: dict[str, Any]) -> str:
 
 @app.command()
 def validate(
-    store: Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    store: StoreArg,
+    as_json: JsonOpt = False,
 ) -> int:
     """Check the ledger against the data, the fingerprint, that shards decode, NaN/Inf."""
     from rba_store.validate import validate_store
