@@ -184,11 +184,10 @@ def sweep_variants(
 
     steps = sweep_spans(store, max_blocks)
     needed = sorted({span for _, spans in steps for span in spans})
-    group = schema.open_store(store)
     missing = [
         (a, b)
         for a, b in needed
-        if f"{a}-{b}" not in group.get(schema.FITS_GROUP, {})  # type: ignore[operator]
+        if not schema.has_analysis(store, schema.analysis_path(schema.FITS_GROUP, f"{a}-{b}"))
     ]
     if missing:
         fit_spans(store, FitOptions(spans=tuple(missing)))

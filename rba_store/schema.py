@@ -472,12 +472,18 @@ def analysis_path(kind: str, name: str) -> str:
     return f"{kind}/{name}"
 
 
+def has_analysis(store: str | Path, path: str) -> bool:
+    """Whether an analysis group (e.g. ``fits/4-6``) is saved in the store."""
+    try:
+        open_store(store)[path]
+    except KeyError:
+        return False
+    return True
+
+
 def read_analysis(store: str | Path, path: str) -> xr.Dataset | None:
     """A saved analysis as an in-memory Dataset, or None when there is none."""
-    group = open_store(store)
-    try:
-        group[path]
-    except KeyError:
+    if not has_analysis(store, path):
         return None
     with xr.open_zarr(str(store), group=path, consolidated=False, zarr_format=3) as ds:
         return ds.load()

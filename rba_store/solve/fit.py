@@ -290,7 +290,7 @@ def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
     paths = [schema.analysis_path(schema.FITS_GROUP, name) for name in names]
     if not options.overwrite:
         for name, path in zip(names, paths, strict=True):
-            if schema.read_analysis(store, path) is not None:
+            if schema.has_analysis(store, path):
                 raise UsageError(
                     f"fit {name!r} already exists in {store!r}; pass --overwrite to replace it, "
                     "or --name for another name"

@@ -36,18 +36,20 @@ def _merge(a: BlockPartials, b: BlockPartials) -> BlockPartials:
 
 
 def stats_graph(
-    store: str | Path, indices: np.ndarray, tokens: str = "all", cka: bool = True
-) -> tuple[Delayed, list[int]]:
-    """The lazy reduction (one task per shard holding selected samples) and the point widths."""
-    layout = schema.read_layout(schema.open_store(store))
+    store: str | Path,
+    layout: schema.StoreLayout,
+    indices: np.ndarray,
+    tokens: str = "all",
+    cka: bool = True,
+) -> tuple[Delayed, int]:
+    """The lazy reduction and its number of shard tasks (one per shard with selected samples)."""
     points = list(range(len(layout.points)))
     task = dask.delayed(on_shard, pure=True)
     parts = [
         task(_shard_partials, str(store), points, start, stop, local, tokens == "cls", cka)
         for local, start, stop in shard_ranges(layout, indices)
     ]
-    widths = [p.n_channels for p in layout.points]
-    return tree_reduce(parts, _merge), widths
+    return tree_reduce(parts, _merge), len(parts)
 
 
 def compute_block_stats(
@@ -72,9 +74,9 @@ def compute_block_stats(
     check_tokens(description, tokens, str(store))
     available = usable_samples(group, layout, str(store), allow_incomplete)
     indices = selection.indices(available, str(store))
-    graph, widths = stats_graph(store, indices, tokens, cka)
-    n_tasks = len(shard_ranges(schema.read_layout(schema.open_store(store)), indices))
+    graph, n_tasks = stats_graph(store, layout, indices, tokens, cka)
     partials = compute(graph, scheduler, scheduler_file, n_tasks)
+    widths = [p.n_channels for p in layout.points]
     attrs = {
         "kind": "block_stats",
         "store_fingerprint": description["fingerprint"],
