@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import TyperException
 
-from rba_store.errors import RBAStoreError, UsageError
+from rba_store.errors import Interrupted, RBAStoreError, UsageError, describe_os_error
 
 app = typer.Typer(
     name="rba-store",
@@ -229,8 +229,15 @@ def extract(
             for i, (a, b) in enumerate(map(layout.shard_rows, range(layout.n_shards)))
             if i < len(done_mask) and done_mask[i]
         )
-    with _ProgressBar(layout.n_samples, done, "extract") as bar:
-        result = run_extraction(plan, out, overwrite=overwrite, progress=bar)
+    try:
+        with _ProgressBar(layout.n_samples, done, "extract") as bar:
+            result = run_extraction(plan, out, overwrite=overwrite, progress=bar)
+    except KeyboardInterrupt:
+        kept = int(completed_shards(open_store(out)).sum()) if is_store(out) else 0
+        raise Interrupted(
+            f"interrupted: {kept}/{layout.n_shards} shards of {str(out)!r} are complete and "
+            "kept; re-run the same command to resume"
+        ) from None
     from rba_store.info import store_info
 
     info = store_info(out)
@@ -428,6 +435,16 @@ def fit(
     ] = None,
     allow_incomplete: AllowIncompleteOpt = False,
     overwrite: Annotated[bool, typer.Option(help="Replace fits of the same name.")] = False,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Save the partial sums to this file as the fit goes; re-run the same command "
+            "to resume after a kill (deleted when the fit is saved)."
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        float, typer.Option(help="Seconds between checkpoints (0: after every group of shards).")
+    ] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit the linear maps T (h_a -> h_b) that replace spans of blocks, in one pass."""
@@ -456,9 +473,20 @@ def fit(
         scheduler_file=str(scheduler_file) if scheduler_file else None,
         name=name,
         overwrite=overwrite,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint_every=checkpoint_every,
     )
-    with _dask_progress():
-        fits = fit_spans(store, options)
+    try:
+        with _dask_progress():
+            fits = fit_spans(store, options)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted: the partial sums are saved in {str(checkpoint)!r}; re-run the same "
+            "command to resume"
+            if checkpoint
+            else "interrupted: nothing was saved; re-run the command (with --checkpoint FILE a "
+            "long fit can resume where it stopped)"
+        ) from None
     exported = (
         [export_safetensors(store, f.name, export / f"{f.name}.safetensors") for f in fits]
         if export
@@ -651,12 +679,16 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see 'rba-store {ctx.info_name} --help')" if ctx and ctx.parent else ""
         message = e.format_message().replace(": Value error, ", ": ")  # typer's wording
         return _error(message + hint, EXIT_USAGE)
+    except Interrupted as e:
+        return _error(str(e), EXIT_INTERRUPTED)
     except (typer.Abort, KeyboardInterrupt):
-        return _error("interrupted; re-run the same command to resume", EXIT_INTERRUPTED)
+        return _error(
+            "interrupted; nothing stored was changed: re-run the same command", EXIT_INTERRUPTED
+        )
     except (RBAStoreError, OSError) as e:
         if verbose:
             traceback.print_exc()
-        return _error(str(e), EXIT_ERROR)
+        return _error(describe_os_error(e) if isinstance(e, OSError) else str(e), EXIT_ERROR)
     except Exception as e:  # a bug: say so in one line, the traceback with --verbose
         if verbose:
             traceback.print_exc()

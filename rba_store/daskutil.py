@@ -79,18 +79,30 @@ def compute(
     scheduler_file: str | None = None,
     n_tasks: int = 1,
 ) -> Any:
-    """Compute a delayed result locally (threads) or on a running ``dask.distributed`` cluster.
+    """Compute a delayed result locally (threads) or on a running ``dask.distributed`` cluster."""
+    with dask_client(scheduler, scheduler_file) as client:
+        return compute_with(client, graph, n_tasks)
+
+
+def compute_with(client: Any, graph: Delayed, n_tasks: int = 1) -> Any:
+    """Compute on ``client``'s cluster, or locally when it is None.
 
     Locally, the shard tasks' GEMMs share the cores with Dask's threads: BLAS gets
     ``cores // concurrent tasks`` threads each, so that one task's GEMM does not fight another's
     (oversubscription) and one task's read overlaps another's GEMM.
     """
-    with dask_client(scheduler, scheduler_file) as client:
-        if client is not None:
-            return client.compute(graph).result()
-        from threadpoolctl import threadpool_limits
+    if client is not None:
+        return client.compute(graph).result()
+    from threadpoolctl import threadpool_limits
 
-        cores = os.cpu_count() or 1
-        blas_threads = max(1, cores // max(1, min(n_tasks, cores)))
-        with threadpool_limits(limits=blas_threads, user_api="blas"):
-            return graph.compute()
+    cores = os.cpu_count() or 1
+    blas_threads = max(1, cores // max(1, min(n_tasks, cores)))
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return graph.compute()
+
+
+def concurrency(client: Any) -> int:
+    """How many tasks run at once: the cluster's worker threads, or the local cores."""
+    if client is not None:
+        return max(1, sum(client.nthreads().values()))
+    return os.cpu_count() or 1

@@ -38,3 +38,28 @@ class IncompleteStoreError(RBAStoreError, ValueError):
 
 class NonFiniteError(RBAStoreError, ValueError):
     """Stored activations hold NaN or Inf."""
+
+
+class Interrupted(RBAStoreError):
+    """The user stopped a command (Ctrl-C); the message says what is kept and how to resume."""
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an operating-system error: what failed, where, and what to do about it."""
+    import errno
+
+    if isinstance(error, RBAStoreError):
+        return str(error)
+    where = f" {str(error.filename)!r}" if error.filename else ""
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:
+        return (
+            f"no space left on the device writing{where} ({reason}); free some space or write "
+            "elsewhere, then re-run (what was stored before is unchanged)"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"cannot write{where}: it is read-only ({reason}); make it writable (chmod u+w) or "
+            "copy the store to a writable place, then re-run"
+        )
+    return f"{reason}{where}; check the path and its permissions, then re-run"

@@ -247,6 +247,7 @@ class _ShardWriter:
 
     def _write(self, shard_idx: int, arrays: dict[str, np.ndarray]) -> None:
         start, stop = self.layout.shard_rows(shard_idx)
+        schema.discard_torn_shard(self.group, shard_idx, list(arrays))
         for name, values in arrays.items():
             self.group[name][start:stop] = values
         schema.mark_shard_complete(self.group, shard_idx)

@@ -392,6 +392,22 @@ def completed_shards(group: zarr.Group) -> np.ndarray:
     return np.asarray(group[LEDGER_PATH][:]).astype(bool)
 
 
+def discard_torn_shard(group: zarr.Group, shard_idx: int, names: Sequence[str]) -> None:
+    """Delete whatever a crash left of an incomplete shard before it is written again.
+
+    Zarr merges a write into an existing shard file (it reads the file first), so a torn file
+    would fail to decode, or worse, lend its bytes; an incomplete shard's files hold nothing of
+    value (the ledger never called them complete).
+    """
+    if completed_shards(group)[shard_idx]:
+        raise StoreError(f"shard {shard_idx} is complete; refusing to discard it")
+    root = Path(str(group.store.root))  # type: ignore[attr-defined]
+    for name in names:
+        array = group[name]
+        key = array.metadata.encode_chunk_key((shard_idx,) + (0,) * (array.ndim - 1))
+        (root / array.path / key).unlink(missing_ok=True)
+
+
 def mark_shard_complete(group: zarr.Group, shard_idx: int) -> None:
     """Record a shard as complete; called only after all its arrays are written."""
     group[LEDGER_PATH][shard_idx] = 1
@@ -490,7 +506,24 @@ def read_analysis(store: str | Path, path: str) -> xr.Dataset | None:
 
 
 def write_analysis(store: str | Path, path: str, ds: xr.Dataset) -> None:
-    """Save an analysis group (replacing one of the same path) and re-consolidate metadata."""
-    open_store(store, mode="r+")
-    ds.to_zarr(str(store), group=path, mode="w", zarr_format=3, consolidated=False)
+    """Save an analysis group (replacing one of the same path) and re-consolidate metadata.
+
+    The group is written whole beside the store, then moved in: a write error (full disk,
+    read-only folder) or a crash while writing leaves the store as it was.
+    """
+    group = open_store(store, mode="r+")
+    root = Path(store)
+    staging = root.parent / f".{root.name}.{path.replace('/', '.')}.writing-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        ds.to_zarr(str(staging), mode="w", zarr_format=3, consolidated=False)
+        group.require_group(path.rpartition("/")[0])
+        target = root / path
+        replaced = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+        if target.exists():
+            os.replace(target, replaced)
+        os.replace(staging, target)
+        shutil.rmtree(replaced, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     consolidate(store)

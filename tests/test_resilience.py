@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,8 +18,12 @@ import zarr
 
 from rba_store import schema
 from rba_store.cli import main
-from rba_store.errors import ConfigMismatchError
+from rba_store.errors import ConfigMismatchError, IncompleteStoreError, UsageError
 from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
+from rba_store.solve import FitOptions, fit_spans
+from rba_store.solve import fit as fit_module
+from rba_store.solve.checkpoint import save_checkpoint
+from rba_store.solve.fit import load_fit
 
 SMALL = ["--limit", "50", "--batch-size", "16", "--chunk-samples", "10", "--shard-samples", "20"]
 
@@ -93,39 +98,228 @@ def test_a_live_claim_is_refused_and_a_stale_one_taken_over(
     assert_same_store(out, small_store)
 
 
+KILL_OPTIONS = [
+    "--model",
+    "test_vit",
+    "--limit",
+    "240",
+    "--batch-size",
+    "8",
+    "--chunk-samples",
+    "8",
+    "--shard-samples",
+    "16",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted extraction of 15 shards, to compare interrupted ones with."""
+    out = tmp_path_factory.mktemp("reference") / "reference.zarr"
+    assert main(["extract", "--out", str(out), *KILL_OPTIONS]) == 0
+    return out
+
+
+def wait_for_shards(process: subprocess.Popen[str], out: Path, n: int) -> None:
+    """Return once ``out`` has ``n`` complete shards (the process still running)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if schema.is_store(out) and schema.completed_shards(schema.open_store(out)).sum() >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the extraction ended or stalled before {n} shards were complete")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after_shards", [0, 3, 9])
 def test_sigkill_then_resume_is_bit_identical(
-    tmp_path: Path, kill_after_shards: int, default_weights: Path
+    tmp_path: Path, kill_after_shards: int, reference_store: Path
 ) -> None:
-    options = [
-        "--model",
-        "test_vit",
-        "--limit",
-        "240",
-        "--batch-size",
-        "8",
-        "--chunk-samples",
-        "8",
-        "--shard-samples",
-        "16",
-    ]
-    reference = tmp_path / "reference.zarr"
-    assert main(["extract", "--out", str(reference), *options]) == 0
     out = tmp_path / "killed.zarr"
-    process = cli_process("extract", "--out", out, *options)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if schema.is_store(out):
-            done = int(schema.completed_shards(schema.open_store(out)).sum())
-            if done >= kill_after_shards:
-                break
-        time.sleep(0.02)
+    process = cli_process("extract", "--out", out, *KILL_OPTIONS)
+    if kill_after_shards:
+        wait_for_shards(process, out, kill_after_shards)
+    else:  # as early as possible: while the model loads or the first batch runs
+        while process.poll() is None and not out.exists():
+            time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.communicate()  # reap it and close its pipes
-    assert main(["extract", "--out", str(out), *options]) == 0  # the same command resumes
-    assert_same_store(out, reference)
+    assert process.returncode == -signal.SIGKILL
+    assert main(["extract", "--out", str(out), *KILL_OPTIONS]) == 0  # the same command resumes
+    assert_same_store(out, reference_store)
     assert main(["validate", str(out)]) == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_keeps_a_true_ledger_and_says_how_to_resume(
+    tmp_path: Path, reference_store: Path
+) -> None:
+    out = tmp_path / "interrupted.zarr"
+    process = cli_process("extract", "--out", out, *KILL_OPTIONS)
+    wait_for_shards(process, out, 2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(
+        r"rba-store: error: interrupted: (\d+)/15 shards of .* are complete and kept; "
+        r"re-run the same command to resume",
+        lines[0],
+    ), lines[0]
+    kept = int(re.search(r"(\d+)/15", lines[0]).group(1))  # type: ignore[union-attr]
+    group = schema.open_store(out)
+    complete = schema.completed_shards(group)
+    assert 2 <= kept == complete.sum() < 15
+    assert not list(out.parent.glob(".*creating*")) and not list((out / "claims").glob("*/"))
+    reference = arrays(reference_store)
+    layout = schema.read_layout(group)
+    for shard in np.flatnonzero(complete):  # every shard the ledger calls complete is whole
+        start, stop = layout.shard_rows(int(shard))
+        for k in (0, layout.n_blocks // 2, layout.n_blocks):
+            name = schema.h_name(k)
+            np.testing.assert_array_equal(group[name][start:stop], reference[name][start:stop])
+    assert main(["extract", "--out", str(out), *KILL_OPTIONS]) == 0
+    assert_same_store(out, reference_store)
+
+
+def test_a_torn_shard_is_never_read_and_is_rewritten(tmp_path: Path, small_store: Path) -> None:
+    store = tmp_path / "torn.zarr"
+    shutil.copytree(small_store, store)
+    # A crash while shard 1 was written: h3's shard file half on disk, h7's not yet, no ledger mark
+    group = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    group["ledger/shards"][1] = 0
+    torn = store / "h3" / "c" / "1" / "0" / "0"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    (store / "h7" / "c" / "1" / "0" / "0").unlink()
+
+    with pytest.raises(IncompleteStoreError, match=r"2/3 shards \(30/50 samples\)"):
+        fit_spans(store, FitOptions(spans=((3, 7),), backend="numpy"))
+    (fit,) = fit_spans(store, FitOptions(spans=((3, 7),), backend="numpy", allow_incomplete=True))
+    kept = np.r_[0:20, 40:50]  # the complete shards only
+    x, y = (arrays(small_store)[f"h{k}"][kept].reshape(-1, 64).astype(np.float64) for k in (3, 7))
+    reference = np.linalg.lstsq(x, y, rcond=None)[0]
+    assert np.abs(fit.solution.t - reference).max() < 1e-8
+    assert main(["validate", str(store)]) == 0  # incomplete, but nothing marked complete is bad
+
+    options = ExtractOptions(limit=50, batch_size=16, chunk_samples=10, shard_samples=20)
+    result = run_extraction(plan_extraction(options), store)
+    assert result.shards_written == 1
+    assert_same_store(store, small_store)
+
+
+# -- fit checkpoints ---------------------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """Stands for a kill: nothing after it runs, no handler saves anything."""
+
+
+def crash_after_saves(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    saves = {"n": 0}
+
+    def save_then_maybe_crash(*args: object) -> None:
+        save_checkpoint(*args)  # type: ignore[arg-type]
+        saves["n"] += 1
+        if saves["n"] == n:
+            raise Crash
+
+    monkeypatch.setattr(fit_module, "save_checkpoint", save_then_maybe_crash)
+
+
+def test_fit_resumes_from_its_checkpoint_to_the_same_t(
+    tmp_path: Path, small_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "fit.zarr"
+    shutil.copytree(small_store, store)
+    spans = ((4, 6), (5, 6), (2, 9))
+    checkpoint = tmp_path / "fit.ckpt.npz"
+
+    def fit(name: str, **kwargs: object) -> list[np.ndarray]:
+        options = FitOptions(spans=spans, backend="numpy", name=name, **kwargs)  # type: ignore[arg-type]
+        return [f.solution.t for f in fit_spans(store, options)]
+
+    uninterrupted = fit("whole", checkpoint=str(checkpoint), checkpoint_every=0)
+    assert not checkpoint.exists()  # deleted once the fits are saved
+    for t, plain in zip(uninterrupted, fit("plain"), strict=True):  # tree order: 1e-15 apart
+        np.testing.assert_allclose(t, plain, rtol=0, atol=1e-10)
+
+    for crash_after in (1, 2):  # shards are folded one at a time, then three at a time
+        monkeypatch.setattr(fit_module, "concurrency", lambda client: 1)
+        crash_after_saves(monkeypatch, crash_after)
+        with pytest.raises(Crash):
+            fit(f"resumed{crash_after}", checkpoint=str(checkpoint), checkpoint_every=0)
+        with np.load(checkpoint) as saved:
+            assert int(saved["shards_done"]) == crash_after
+        monkeypatch.setattr(fit_module, "concurrency", lambda client: 3)
+        resumed = fit(f"resumed{crash_after}", checkpoint=str(checkpoint), checkpoint_every=0)
+        for t, reference in zip(resumed, uninterrupted, strict=True):
+            np.testing.assert_array_equal(t, reference)  # bit for bit
+        assert not checkpoint.exists()
+
+
+def test_a_checkpoint_of_another_fit_is_refused(
+    tmp_path: Path, small_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "fit.zarr"
+    shutil.copytree(small_store, store)
+    checkpoint = tmp_path / "other.npz"
+    monkeypatch.setattr(fit_module, "concurrency", lambda client: 1)
+    crash_after_saves(monkeypatch, 1)
+    with pytest.raises(Crash):
+        fit_spans(
+            store, FitOptions(spans=((4, 6),), checkpoint=str(checkpoint), checkpoint_every=0)
+        )
+    saved = checkpoint.read_bytes()
+    with pytest.raises(UsageError, match="belongs to another fit"):
+        fit_spans(store, FitOptions(spans=((5, 6),), checkpoint=str(checkpoint)))
+    with pytest.raises(UsageError, match="belongs to another fit"):
+        cls = FitOptions(spans=((4, 6),), checkpoint=str(checkpoint), tokens="cls", ridge=1e-3)
+        fit_spans(store, cls)
+    assert checkpoint.read_bytes() == saved  # refused, and left as it was
+    checkpoint.write_bytes(saved[:100])
+    with pytest.raises(UsageError, match="is not a readable fit checkpoint"):
+        fit_spans(store, FitOptions(spans=((4, 6),), checkpoint=str(checkpoint)))
+
+
+_SLOW_CHECKPOINTS = """
+import time
+import rba_store.solve.fit as fit
+save = fit.save_checkpoint
+def save_then_wait(*args):
+    save(*args)
+    time.sleep(120)  # a window in which the test kills this process
+fit.save_checkpoint = save_then_wait
+fit.concurrency = lambda client: 1
+from rba_store.cli import run
+run()
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_fit_resumes_with_the_same_t(tmp_path: Path, small_store: Path) -> None:
+    store = tmp_path / "fit.zarr"
+    shutil.copytree(small_store, store)
+    checkpoint = tmp_path / "ckpt.npz"
+    args = ["fit", str(store), "--span", "3:8", "--checkpoint", str(checkpoint)]
+    args += ["--checkpoint-every", "0"]
+    assert main([*args, "--name", "whole"]) == 0
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CHECKPOINTS, *args, "--name", "resumed"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert main([*args, "--name", "resumed"]) == 0  # the same command, with the same checkpoint
+    whole, resumed = (load_fit(store, name)["T"].values for name in ("whole", "resumed"))
+    np.testing.assert_array_equal(resumed, whole)
+    assert not checkpoint.exists()
 
 
 def test_validate_finds_problems(

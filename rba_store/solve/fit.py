@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,19 @@ import numpy as np
 import xarray as xr
 
 from rba_store import schema
-from rba_store.daskutil import compute, on_shard, shard_ranges, tree_reduce
+from rba_store.daskutil import (
+    compute,
+    compute_with,
+    concurrency,
+    dask_client,
+    on_shard,
+    shard_ranges,
+    tree_reduce,
+)
 from rba_store.errors import NonFiniteError, UsageError
 from rba_store.selection import SampleSelection, check_tokens, usable_samples
 from rba_store.solve._backend import get_xp
+from rba_store.solve.checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
 from rba_store.solve.evaluate import HoldoutSums
 from rba_store.solve.normal_eq import GEMM_DTYPES, NormalEquations, Solution, solve, training_error
 
@@ -74,6 +84,8 @@ class FitOptions:
     scheduler_file: str | None = None
     name: str | None = None
     overwrite: bool = False
+    checkpoint: str | None = None
+    checkpoint_every: float = 60.0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -270,6 +282,81 @@ def _check_rows(
             )
 
 
+def _equations(
+    store: str,
+    layout: schema.StoreLayout,
+    rows: np.ndarray,
+    plan: list[tuple[int, list[int]]],
+    points: list[int],
+    cls_only: bool,
+    options: FitOptions,
+    description: dict[str, Any],
+) -> dict[int, NormalEquations]:
+    """The normal equations of every source over ``rows``: one task per shard, merged."""
+    task = dask.delayed(on_shard, pure=True)
+    parts = [
+        task(
+            _accumulate,
+            store,
+            points,
+            start,
+            stop,
+            local,
+            start,
+            cls_only,
+            plan,
+            points,
+            options.backend,
+            options.gemm_dtype,
+        )
+        for local, start, stop in shard_ranges(layout, rows)
+    ]
+    if options.checkpoint is None:
+        graph = tree_reduce(parts, _merge_equations)
+        return compute(graph, options.scheduler, options.scheduler_file, len(parts))
+    key = checkpoint_key(
+        {
+            "store": description["fingerprint"],
+            "plan": plan,
+            "tokens": options.tokens,
+            "gemm_dtype": options.gemm_dtype,
+        },
+        rows,
+    )
+    return _resumable_equations(parts, Path(options.checkpoint), key, options)
+
+
+def _resumable_equations(
+    parts: list[Any], path: Path, key: str, options: FitOptions
+) -> dict[int, NormalEquations]:
+    """Shards in groups of as many as run at once, folded in store order; checkpointed.
+
+    The fold order is fixed (shard 0, 1, 2, ...), so a run resumed from any checkpoint gives
+    bit for bit the accumulators, and T, of an uninterrupted one.
+    """
+    state = load_checkpoint(path, key)
+    done, total = state if state is not None else (0, {})
+    last_saved = time.monotonic()
+    with dask_client(options.scheduler, options.scheduler_file) as client:
+        group = concurrency(client)
+        try:
+            while done < len(parts):
+                batch = parts[done : done + group]
+                partials = compute_with(client, dask.delayed(list)(batch), len(parts))
+                for partial in partials:
+                    host = {a: ne.to_numpy() for a, ne in partial.items()}
+                    total = _merge_equations(total, host) if total else host
+                done += len(batch)
+                if done < len(parts) and time.monotonic() - last_saved >= options.checkpoint_every:
+                    save_checkpoint(path, key, done, total)
+                    last_saved = time.monotonic()
+        except KeyboardInterrupt:
+            if total:  # Ctrl-C: keep what is folded so far
+                save_checkpoint(path, key, done, total)
+            raise
+    return total
+
+
 def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
     """Fit every span of ``options`` from ``store`` in one pass; save each under ``fits/``."""
     store = str(store)
@@ -277,6 +364,14 @@ def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
         raise UsageError(f"--gemm {options.gemm_dtype!r} is not valid; use float64 or float32")
     if options.ridge < 0 or not math.isfinite(options.ridge):
         raise UsageError(f"--ridge {options.ridge} is invalid; pass a non-negative number")
+    if options.checkpoint_every < 0 or not math.isfinite(options.checkpoint_every):
+        raise UsageError(
+            f"--checkpoint-every {options.checkpoint_every} is invalid; pass seconds >= 0"
+        )
+    if options.checkpoint is not None and Path(options.checkpoint).is_dir():
+        raise UsageError(
+            f"--checkpoint {options.checkpoint!r} is a folder; pass a file path (e.g. fit.ckpt.npz)"
+        )
     if options.holdout is not None and options.eval_store is not None:
         raise UsageError("--holdout and --eval-store exclude each other; pass only one")
     get_xp(options.backend)  # refuses cupy without a GPU before any work
@@ -309,27 +404,7 @@ def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
         sources.setdefault(a, []).append(b)
     plan = sorted(sources.items())
     points = sorted({a for a, _ in spans} | {b for _, b in spans})
-    task = dask.delayed(on_shard, pure=True)
-    parts = [
-        task(
-            _accumulate,
-            store,
-            points,
-            start,
-            stop,
-            local,
-            start,
-            cls_only,
-            plan,
-            points,
-            options.backend,
-            options.gemm_dtype,
-        )
-        for local, start, stop in shard_ranges(layout, fit_idx)
-    ]
-    equations = compute(
-        tree_reduce(parts, _merge_equations), options.scheduler, options.scheduler_file, len(parts)
-    )
+    equations = _equations(store, layout, fit_idx, plan, points, cls_only, options, description)
 
     solutions: dict[Span, tuple[Solution, float]] = {}
     for a, targets in plan:
@@ -379,6 +454,8 @@ def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
         fit = SpanFit(name, span, solution, schema.normalize_json(diagnostics))
         _save(store, path, fit)
         fits.append(fit)
+    if options.checkpoint is not None:
+        Path(options.checkpoint).unlink(missing_ok=True)  # the fits are saved: no longer needed
     return fits
 
 
