@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-full
 
 $(BIN)/rba-store: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,8 @@ lint: setup
 	$(BIN)/ruff check rba_store tests benchmarks
 	$(BIN)/ruff format --check rba_store tests benchmarks
 
-bench: setup
-	$(BIN)/python -m benchmarks.bench_extract
-	$(BIN)/python -m benchmarks.bench_stats
-	$(BIN)/python -m benchmarks.bench_solver
+bench: setup  ## the benchmark suite, quick sizes (a few minutes); rewrites benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks --json benchmarks/results.json
+
+bench-full: setup  ## the same at full sizes (tens of minutes, a 6 GB scratch store)
+	$(BIN)/python -m benchmarks --full --json benchmarks/results.json

@@ -1,0 +1,1 @@
+"""rba-store's benchmark suite: ``python -m benchmarks`` (see :mod:`benchmarks.suite`)."""

@@ -1,196 +1,269 @@
-"""Solver benchmark: fit throughput from a compressed store vs the machine's own GEMM limit,
-side by side with the in-memory alternatives (torch / numpy lstsq), and peak memory vs N.
+"""Solver: ``fit`` throughput from a compressed store vs the machine's own GEMM limit, side by
+side with the in-memory alternatives (torch / numpy lstsq, scikit-learn).
 
-Every measurement runs in a fresh child process, so its peak RSS (ru_maxrss) is its own.
-  - fit:      rba-store's fit of span 0:1 (all tokens) from the store: read, decompress, cast,
-              centre, accumulate, solve;
-  - fit32:    the same with float32 GEMMs (float64 accumulation across chunks);
-  - limit:    the same two products (XᵀX and XᵀY, float64) on the same rows already in memory;
-  - torch32 / torch64 / numpy: lstsq on all rows loaded in memory (the reference approach).
-Figures: limit_ratio = limit time ÷ fit time (target ≥ 0.7 for D ≥ 384), rows/s, GFLOP/s
-(2·rows·D² per product), peak RSS, and the error of T against float64 numpy lstsq.
-
-    python -m benchmarks.bench_solver [--full] [--json PATH]
+For each width D, a synthetic ViT-like store (197 tokens, float32, blosc-zstd) is fitted for span
+0:1 (all tokens as rows). Every method runs in a fresh child process (its own peak RSS):
+  - fit:     rba-store's ``fit_spans`` from the store, end to end (open, read, decompress, cast,
+             centre, accumulate, solve, save); fit32 is the same with ``gemm_dtype="float32"``;
+  - limit:   the same two float64 products, XᵀX and XᵀY, on the same rows already in memory;
+  - torch32 / torch64 / numpy: ``lstsq`` on all rows in memory (the reference approach);
+  - sklearn_ridge (alpha 1e-6) / sklearn_linreg: scikit-learn on all rows, float64.
+All in-memory methods run at the same N as ``fit``: the size's N, capped so that they fit in memory.
+GFLOP/s counts 2·rows·D² per product; T errors are max |T - T_lstsq| against float64 numpy lstsq.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import resource
-import subprocess
-import sys
-import tempfile
+import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks._synthetic import write_store
+from benchmarks._child import run_in_child
+from benchmarks._machine import available_bytes
+from benchmarks._plots import line_plot
+from benchmarks._results import Context, Figures, Section, at_least, at_most, fmt, table
+from benchmarks._synthetic import read_rows, write_store
 
-METHODS = ("fit", "fit32", "limit", "torch32", "torch64", "numpy")
+TOKENS = 197
+METHODS = (
+    "fit",
+    "fit32",
+    "limit",
+    "torch32",
+    "torch64",
+    "numpy",
+    "sklearn_ridge",
+    "sklearn_linreg",
+)
+SMOKE_SKIPS = ("fit32", "torch64", "sklearn_linreg")  # same code paths as fit, torch32, ridge
+BYTES_PER_ROW_CHANNEL = 48  # peak of the in-memory lstsq methods: ~44 bytes per row and channel
+LIMIT_RATIO_TARGET = 0.7  # for D >= 384
+T_ERROR_TARGET = 1e-6
 
 
-def _rows(store: str, k: int) -> np.ndarray:
-    import zarr
-
-    h = zarr.open_group(store, mode="r", use_consolidated=False)[f"h{k}"][:]
-    return h.reshape(-1, h.shape[-1])
+# -- child processes ----------------------------------------------------------------------------
 
 
-def child(method: str, store: str, out: str) -> None:
-    """Run one measurement; write {seconds, maxrss_mb} and T (as .npy) to ``out``."""
-    t = None
-    if method in ("fit", "fit32"):
-        from rba_store.solve import FitOptions, fit_spans
+def fit_child(store: str, gemm_dtype: str) -> dict[str, Any]:
+    """rba-store's fit of span 0:1 from the store, after one untimed fit of its first shard.
 
-        options = FitOptions(
+    The untimed fit pays the first-call costs of a fresh process (imports on first use, thread
+    pools); its time is returned as ``first_call_seconds``.
+    """
+    from rba_store import schema
+    from rba_store.selection import SampleSelection
+    from rba_store.solve import FitOptions, fit_spans
+
+    def options(name: str, selection: SampleSelection) -> FitOptions:
+        return FitOptions(
             spans=((0, 1),),
+            selection=selection,
             backend="numpy",
-            name=f"bench-{method}",
+            gemm_dtype=gemm_dtype,
+            name=name,
             overwrite=True,
-            gemm_dtype="float32" if method == "fit32" else "float64",
         )
-        start = time.perf_counter()
-        (fit,) = fit_spans(store, options)
-        seconds = time.perf_counter() - start
-        t = fit.solution.t
-    else:
-        x32, y32 = _rows(store, 0), _rows(store, 1)
-        if method == "limit":
-            x, y = x32.astype(np.float64), y32.astype(np.float64)
-            start = time.perf_counter()
-            x.T @ x
-            x.T @ y
-            seconds = time.perf_counter() - start
-        elif method.startswith("torch"):
-            import torch
 
-            dtype = torch.float32 if method == "torch32" else torch.float64
-            x, y = torch.from_numpy(x32).to(dtype), torch.from_numpy(y32).to(dtype)
-            start = time.perf_counter()
-            t = torch.linalg.lstsq(x, y).solution.numpy().astype(np.float64)
-            seconds = time.perf_counter() - start
-        else:
-            x, y = x32.astype(np.float64), y32.astype(np.float64)
-            start = time.perf_counter()
-            t = np.linalg.lstsq(x, y, rcond=None)[0]
-            seconds = time.perf_counter() - start
-    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if t is not None:
-        np.save(out + ".npy", t)
-    Path(out).write_text(json.dumps({"seconds": seconds, "maxrss_mb": maxrss_mb}))
+    shard = schema.read_layout(schema.open_store(store)).shard_samples
+    start = time.perf_counter()
+    fit_spans(store, options("bench-warm-up", SampleSelection(limit=shard)))
+    first_call = time.perf_counter() - start
+    start = time.perf_counter()
+    (fit,) = fit_spans(store, options(f"bench-{gemm_dtype}", SampleSelection()))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "first_call_seconds": first_call, "t": fit.solution.t}
+
+
+def limit_child(store: str, repeats: int = 3) -> dict[str, Any]:
+    """The two float64 products on rows already in memory (the fastest of ``repeats``)."""
+    x = read_rows(store, 0).astype(np.float64)
+    y = read_rows(store, 1).astype(np.float64)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.T @ x
+        x.T @ y
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times)}
+
+
+def _lstsq(method: str, x32: np.ndarray, y32: np.ndarray) -> np.ndarray:
+    if method.startswith("torch"):
+        import torch
+
+        dtype = torch.float32 if method == "torch32" else torch.float64
+        x, y = torch.from_numpy(x32).to(dtype), torch.from_numpy(y32).to(dtype)
+        return torch.linalg.lstsq(x, y).solution.numpy()
+    x, y = x32.astype(np.float64), y32.astype(np.float64)
+    if method.startswith("sklearn"):
+        from sklearn.linear_model import LinearRegression, Ridge
+
+        model = (
+            Ridge(alpha=1e-6, fit_intercept=False)
+            if method == "sklearn_ridge"
+            else LinearRegression(fit_intercept=False)
+        )
+        return model.fit(x, y).coef_.T
+    return np.linalg.lstsq(x, y, rcond=None)[0]
+
+
+def lstsq_child(store: str, method: str) -> dict[str, Any]:
+    """An in-memory least-squares solver on all rows, after an untimed call on a few rows.
+
+    Timed: the dtype conversion (the rows are loaded as stored, float32) and the solve.
+    """
+    x32, y32 = read_rows(store, 0), read_rows(store, 1)
+    warm = 4 * x32.shape[1]
+    _lstsq(method, x32[:warm], y32[:warm])
+    start = time.perf_counter()
+    t = _lstsq(method, x32, y32)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "t": np.asarray(t, dtype=np.float64)}
 
 
 def measure(method: str, store: Path, work: Path) -> dict[str, Any]:
-    out = work / f"{method}-{time.monotonic_ns()}.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_solver", "--child", method, str(store), str(out)],
-        check=True,
-    )
-    result = json.loads(out.read_text())
-    t_path = Path(str(out) + ".npy")
-    result["t"] = np.load(t_path) if t_path.exists() else None
-    return result
+    if method in ("fit", "fit32"):
+        dtype = "float32" if method == "fit32" else "float64"
+        return run_in_child(fit_child, work, store=str(store), gemm_dtype=dtype)
+    if method == "limit":
+        return run_in_child(limit_child, work, store=str(store))
+    return run_in_child(lstsq_child, work, store=str(store), method=method)
 
 
-def run_width(d: int, n_samples: int, repeats: int, work: Path) -> list[dict[str, Any]]:
-    store = write_store(work / f"d{d}.zarr", n_samples, d)
-    rows = n_samples * 197
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
-    for _ in range(repeats):  # interleaved, so drift on a shared machine hits every method
-        for method in METHODS:
-            runs[method].append(measure(method, store, work))
-    reference = next(r["t"] for r in runs["numpy"])
-    limit = float(np.median([r["seconds"] for r in runs["limit"]]))
-    flops = 2 * 2 * rows * d * d  # XᵀX and XᵀY, 2·rows·D² each
-    results = []
-    for method in METHODS:
-        seconds = float(np.median([r["seconds"] for r in runs[method]]))
-        t = runs[method][0]["t"]
-        error = (
-            None if t is None else float(np.linalg.norm(t - reference) / np.linalg.norm(reference))
-        )
-        results.append(
+# -- the benchmark ------------------------------------------------------------------------------
+
+
+def n_samples_for(ctx: Context, d: int) -> int:
+    """The size's N, capped so that the in-memory alternatives fit in half the free memory."""
+    wanted = ctx.pick(smoke=24, quick=128, full=1000)
+    budget = available_bytes() // 2
+    return max(8, min(wanted, budget // (BYTES_PER_ROW_CHANNEL * d * TOKENS)))
+
+
+def run_width(ctx: Context, d: int, repeats: int, figures: Figures) -> list[dict[str, Any]]:
+    """Measure every method at width ``d``; add its figures; return one row per method."""
+    n_samples = n_samples_for(ctx, d)
+    rows = n_samples * TOKENS
+    store = write_store(ctx.work / f"solver-d{d}.zarr", n_samples, d)
+    methods = [m for m in METHODS if ctx.size != "smoke" or m not in SMOKE_SKIPS]
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    try:
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits every method
+            for method in methods:
+                runs[method].append(measure(method, store, ctx.work))
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    seconds = {m: statistics.median(r["seconds"] for r in runs[m]) for m in methods}
+    reference = runs["numpy"][0]["t"]
+    flop = 2 * 2 * rows * d * d  # XᵀX and XᵀY, 2·rows·D² each
+
+    figures.add(f"rows_d{d}", rows, "rows")
+    figures.add(f"fit_rows_per_s_d{d}", rows / seconds["fit"], "rows/s")
+    figures.add(f"fit_gflops_d{d}", flop / seconds["fit"] / 1e9, "GFLOP/s")
+    first_call = statistics.median(r["first_call_seconds"] for r in runs["fit"])
+    figures.add(f"fit_first_call_seconds_d{d}", first_call, "s")
+    figures.add(f"limit_gflops_d{d}", flop / seconds["limit"] / 1e9, "GFLOP/s")
+    target = at_least(LIMIT_RATIO_TARGET) if d >= 384 else None
+    figures.add(f"limit_ratio_d{d}", seconds["limit"] / seconds["fit"], "ratio", target)
+    if "fit32" in seconds:
+        figures.add(f"fit32_limit_ratio_d{d}", seconds["limit"] / seconds["fit32"], "ratio")
+    out = []
+    for method in methods:
+        t = runs[method][0].get("t")
+        error = None if t is None else float(np.abs(t - reference).max())
+        rss = max(r["peak_rss_mb"] for r in runs[method])
+        figures.add(f"{method}_seconds_d{d}", seconds[method], "s")
+        figures.add(f"{method}_peak_rss_mb_d{d}", rss, "MB")
+        if error is not None:
+            err_target = at_most(T_ERROR_TARGET) if method == "fit" else None
+            figures.add(f"{method}_t_max_abs_err_d{d}", error, "abs", err_target)
+        if method not in ("fit", "fit32", "limit"):
+            speed_target = at_least(1.0) if method.startswith("torch") else None
+            speedup = seconds[method] / seconds["fit"]
+            figures.add(f"speedup_vs_{method}_d{d}", speedup, "ratio", speed_target)
+        out.append(
             {
                 "d": d,
                 "rows": rows,
                 "method": method,
-                "seconds": seconds,
-                "rows_per_s": rows / seconds,
-                "gflops": flops / seconds / 1e9,
-                "limit_ratio": limit / seconds,
-                "maxrss_mb": max(r["maxrss_mb"] for r in runs[method]),
-                "t_error": error,
+                "seconds": seconds[method],
+                "gflops": flop / seconds[method] / 1e9,
+                "limit_ratio": seconds["limit"] / seconds[method],
+                "rss": rss,
+                "error": error,
             }
         )
-    return results
+    return out
 
 
-def run_memory(d: int, n_samples: int, work: Path) -> dict[str, Any]:
-    small = measure("fit", write_store(work / "m1.zarr", n_samples, d, seed=1), work)
-    large = measure("fit", write_store(work / "m4.zarr", 4 * n_samples, d, seed=1), work)
-    return {
-        "d": d,
-        "n": n_samples,
-        "rss_n_mb": small["maxrss_mb"],
-        "rss_4n_mb": large["maxrss_mb"],
-        "ratio": large["maxrss_mb"] / small["maxrss_mb"],
-        "time_ratio": large["seconds"] / small["seconds"],
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="1000 samples, D up to 1024, 3 repeats")
-    parser.add_argument("--json", type=Path, help="write the figures as JSON")
-    parser.add_argument(
-        "--child", nargs=3, metavar=("METHOD", "STORE", "OUT"), help=argparse.SUPPRESS
+def _table(rows: list[dict[str, Any]]) -> str:
+    header = ["D", "rows", "method", "s", "rows/s", "GFLOP/s", "limit ÷ this", "peak RSS MB"]
+    return table(
+        [*header, "T max abs err"],
+        [
+            [
+                r["d"],
+                r["rows"],
+                r["method"],
+                fmt(r["seconds"]),
+                fmt(r["rows"] / r["seconds"]),
+                fmt(r["gflops"]),
+                fmt(r["limit_ratio"], 2),
+                fmt(r["rss"]),
+                "—" if r["error"] is None else f"{r['error']:.1e}",
+            ]
+            for r in rows
+        ],
     )
-    args = parser.parse_args()
-    if args.child:
-        child(*args.child)
-        return
-    widths = (192, 384, 768, 1024) if args.full else (192, 384, 768)
-    n_samples = 1000 if args.full else 400
-    repeats = 3 if args.full else 1
-    with tempfile.TemporaryDirectory(prefix="rba-bench-solver-") as tmp:
-        work = Path(tmp)
-        results = [r for d in widths for r in run_width(d, n_samples, repeats, work)]
-        memory = run_memory(384, n_samples, work)
-    machine = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d"),
-        "n_samples": n_samples,
-        "tokens": 197,
-        "repeats": repeats,
-    }
-    print(f"machine: {machine}\n")
-    print("| D | rows | method | s | rows/s | GFLOP/s | limit ÷ this | peak RSS MB | T error |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        err = "—" if r["t_error"] is None else f"{r['t_error']:.1e}"
-        print(
-            f"| {r['d']} | {r['rows']} | {r['method']} | {r['seconds']:.3f} | "
-            f"{r['rows_per_s']:,.0f} | {r['gflops']:.1f} | {r['limit_ratio']:.2f} | "
-            f"{r['maxrss_mb']:.0f} | {err} |"
-        )
-    print(
-        f"\npeak RSS of fit, D={memory['d']}: N={memory['n']} samples "
-        f"{memory['rss_n_mb']:.0f} MB, 4N {memory['rss_4n_mb']:.0f} MB, ratio "
-        f"{memory['ratio']:.2f} (time ratio {memory['time_ratio']:.2f})"
-    )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"machine": machine, "results": results, "memory": memory}, indent=2, default=float
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+
+    def series(key: str, skip: tuple[str, ...] = ()) -> dict[str, tuple[list[float], list[float]]]:
+        return {
+            m: (
+                [r["d"] for r in rows if r["method"] == m],
+                [r[key] for r in rows if r["method"] == m],
             )
-        )
+            for m in methods
+            if m not in skip
+        }
+
+    line_plot(
+        path,
+        "width D",
+        [("effective GFLOP/s (4·rows·D² / s)", series("gflops")), ("peak RSS (MB)", series("rss"))],
+        title="Solver: fit from a compressed store vs in-memory alternatives",
+    )
 
 
-if __name__ == "__main__":
-    main()
+def run(ctx: Context) -> Section:
+    widths = ctx.pick(smoke=(64,), quick=(192, 384, 768, 1024), full=(192, 384, 768, 1024))
+    repeats = ctx.pick(smoke=1, quick=1, full=3)
+    figures = Figures("solver")
+    rows = [row for d in widths for row in run_width(ctx, d, repeats, figures)]
+    _plot(rows, ctx.plots / "solver.png")
+    markdown = "\n\n".join(
+        [
+            "**What is measured:** `fit` of span 0:1 (all 197 tokens per sample as rows, "
+            "float64, NumPy backend) from a compressed synthetic store (float32, blosc-zstd), end "
+            "to end (open, read, decompress, cast, centre, accumulate, solve, save), in a child "
+            "process that has first fitted one shard untimed (the first-call costs of a fresh "
+            "process are reported apart as `fit_first_call_seconds_d*`). *limit*: the same two "
+            "float64 products XᵀX and XᵀY on the same rows already in memory (fastest of 3). "
+            "In-memory alternatives at the same N (rows loaded as stored, float32; the cast to "
+            "float64 and the solve are timed, after an untimed call on a few rows): "
+            "`torch.linalg.lstsq` float32 and float64, `numpy.linalg.lstsq`, scikit-learn "
+            "`Ridge` (alpha 1e-6) and `LinearRegression`. Each method in its own process (peak "
+            f"RSS); median of {repeats} interleaved run(s). T error: max |T - T_lstsq| against "
+            "float64 `numpy.linalg.lstsq`. fit32 is `fit --gemm float32`.",
+            _table(rows),
+            "![solver](plots/solver.png)",
+        ]
+    )
+    return Section("solver", figures.results, markdown, ["solver.png"])

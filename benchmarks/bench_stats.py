@@ -1,24 +1,19 @@
-"""Statistics benchmark: all block statistics ÷ a plain read of the same arrays, and scaling in N.
+"""Statistics: all block statistics ÷ a plain read of the same arrays.
 
-For stores of N, 2N, 4N (and 8N with --full) samples of the embedded default model, it times
-  - read:  every shard of every h_k read and decompressed, through the same Dask graph shape;
-  - stats: compute_block_stats (BR, relative change, cosine, norms and the exact CKA);
-  - stats --no-cka: the same without the joint co-moment product;
-and reports the ratios, MB/s of raw activations, and time per sample (flat = linear in N).
-It also measures the machine's float64 GEMM rate, since the CKA's (p, p) product per chunk is a
-GEMM: its efficiency explains the ratio.
-
-    python -m benchmarks.bench_stats [--full] [--json PATH]
+For stores of N and 4N samples (N, 2N, 4N, 8N with ``full``) it times, in this process:
+  - read:  every shard of every h_k read and decompressed through the statistics' own task
+           layout (one Dask task per shard, ``on_shard``), doing nothing else;
+  - stats: ``compute_block_stats`` (BR, relative change, cosine, norms and the exact CKA);
+  - stats without CKA (``cka=False``, the CLI's ``--no-cka``).
+Stores: the embedded default model (13 points x 17 tokens x 64 channels, float32, blosc-zstd) on
+digit inputs tiled with a little noise; ``smoke`` uses a synthetic store of the same shape so that
+it needs no trained weights. The machine's float64 GEMM rate on the CKA's product explains the
+ratio: the product alone, at that rate, is reported as a share of the statistics' time.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +21,16 @@ from typing import Any
 
 import dask
 import numpy as np
-import torch
 
+from benchmarks._plots import line_plot
+from benchmarks._results import Context, Figures, Section, at_most, fmt, table
+from benchmarks._synthetic import write_store
 from rba_store import schema
 from rba_store.daskutil import on_shard, shard_ranges
-from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
 from rba_store.stats import compute_block_stats
+
+TARGET_RATIO = 1.3
+DIGITS_TRAIN = 1437
 
 
 def make_inputs(path: Path, n_samples: int) -> None:
@@ -47,12 +46,26 @@ def make_inputs(path: Path, n_samples: int) -> None:
     np.savez(path, x=tiled + noise)
 
 
+def make_store(ctx: Context, n_samples: int) -> Path:
+    """A store of the embedded default's activations (synthetic of the same shape for smoke)."""
+    store = ctx.work / f"stats-{n_samples}.zarr"
+    if ctx.size == "smoke":
+        return write_store(store, n_samples, 64, tokens=17, n_points=13)
+    from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
+
+    inputs = ctx.work / f"stats-x{n_samples}.npz"
+    make_inputs(inputs, n_samples)
+    run_extraction(plan_extraction(ExtractOptions(data=str(inputs), batch_size=256)), store)
+    inputs.unlink()
+    return store
+
+
 def _count(*chunks: np.ndarray) -> int:
     return sum(c.shape[0] for c in chunks)
 
 
 def read_all(store: Path) -> None:
-    """Read and decompress every shard of every h_k with the statistics' task layout, do nothing."""
+    """Read and decompress every shard of every h_k with the statistics' task layout."""
     layout = schema.read_layout(schema.open_store(store))
     points = list(range(len(layout.points)))
     task = dask.delayed(on_shard, pure=True)
@@ -61,7 +74,7 @@ def read_all(store: Path) -> None:
 
 
 def gemm_gflops(rows: int, p: int) -> float:
-    """float64 GFLOP/s of the same symmetric product the CKA does (counted as 2·rows·p²)."""
+    """float64 GFLOP/s of the symmetric product the CKA does (counted as 2·rows·p²)."""
     z = np.random.default_rng(0).normal(size=(rows, p))
     z @ z[:256].T  # warm-up
     start = time.perf_counter()
@@ -78,75 +91,94 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="sizes up to 8N and 5 repeats")
-    parser.add_argument("--json", type=Path, help="write the figures as JSON")
-    parser.add_argument("--base", type=int, default=1437, help="N, the smallest store")
-    args = parser.parse_args()
-    factors = (1, 2, 4, 8) if args.full else (1, 2, 4)
-    repeats = 5 if args.full else 3
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="rba-bench-stats-") as tmp:
-        tmp_path = Path(tmp)
-        for factor in factors:
-            n = args.base * factor
-            inputs = tmp_path / f"x{n}.npz"
-            make_inputs(inputs, n)
-            store = tmp_path / f"s{n}.zarr"
-            run_extraction(plan_extraction(ExtractOptions(data=str(inputs), batch_size=256)), store)
-            layout = schema.read_layout(schema.open_store(store))
-            raw_mb = layout.sample_bytes() * n / 2**20
-            read_s = median_time(lambda s=store: read_all(s), repeats)
-            stats_s = median_time(lambda s=store: compute_block_stats(s), repeats)
-            light_s = median_time(lambda s=store: compute_block_stats(s, cka=False), repeats)
-            p = sum(pt.n_channels for pt in layout.points)
-            n_rows = n * layout.points[0].n_tokens
-            rows.append(
-                {
-                    "n_samples": n,
-                    "raw_mb": raw_mb,
-                    "read_s": read_s,
-                    "stats_s": stats_s,
-                    "stats_nocka_s": light_s,
-                    "ratio": stats_s / read_s,
-                    "ratio_nocka": light_s / read_s,
-                    "read_mb_s": raw_mb / read_s,
-                    "stats_mb_s": raw_mb / stats_s,
-                    "us_per_sample": 1e6 * stats_s / n,
-                    "cka_gflop": 2 * n_rows * p * p / 1e9,
-                }
-            )
-            print(
-                f"N={n}: read {read_s:.3f}s stats {stats_s:.3f}s no-cka {light_s:.3f}s", flush=True
-            )
-        p = sum(pt.n_channels for pt in layout.points)
-        gemm = gemm_gflops(layout.shard_samples * layout.points[0].n_tokens, p)
-    machine = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gemm_f64_gflops": gemm,
-        "date": time.strftime("%Y-%m-%d"),
+def measure(store: Path, repeats: int) -> dict[str, Any]:
+    layout = schema.read_layout(schema.open_store(store))
+    n = layout.n_samples
+    raw_mb = layout.sample_bytes() * n / 2**20
+    read_s = median_time(lambda: read_all(store), repeats)
+    stats_s = median_time(lambda: compute_block_stats(store), repeats)
+    light_s = median_time(lambda: compute_block_stats(store, cka=False), repeats)
+    p = sum(pt.n_channels for pt in layout.points)
+    return {
+        "n": n,
+        "raw_mb": raw_mb,
+        "read_s": read_s,
+        "stats_s": stats_s,
+        "nocka_s": light_s,
+        "cka_gflop": 2 * n * layout.points[0].n_tokens * p * p / 1e9,
+        "shard_rows": layout.shard_samples * layout.points[0].n_tokens,
+        "p": p,
     }
-    for row in rows:
-        row["cka_gemm_share"] = row["cka_gflop"] / gemm / row["stats_s"]
-    print(f"\nmachine: {machine}\n")
-    print(
-        "| N | raw MB | read s | stats s | ratio | no-CKA s | ratio no-CKA | read MB/s | "
-        "stats MB/s | µs/sample | CKA GEMM at machine rate ÷ stats time |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def run(ctx: Context) -> Section:
+    base = ctx.pick(smoke=64, quick=DIGITS_TRAIN, full=DIGITS_TRAIN)
+    factors = ctx.pick(smoke=(1,), quick=(1, 4), full=(1, 2, 4, 8))
+    repeats = ctx.pick(smoke=1, quick=3, full=5)
+    figures = Figures("stats")
+    rows = []
+    for factor in factors:
+        store = make_store(ctx, base * factor)
+        try:
+            rows.append(measure(store, repeats))
+        finally:
+            schema.remove_store(store)
+    gemm = gemm_gflops(rows[0]["shard_rows"], rows[0]["p"])
+    figures.add("gemm_f64_gflops", gemm, "GFLOP/s")
+    target = at_most(TARGET_RATIO)
+    table_rows = []
     for r in rows:
-        print(
-            f"| {r['n_samples']} | {r['raw_mb']:.0f} | {r['read_s']:.3f} | {r['stats_s']:.3f} | "
-            f"{r['ratio']:.2f} | {r['stats_nocka_s']:.3f} | {r['ratio_nocka']:.2f} | "
-            f"{r['read_mb_s']:.0f} | {r['stats_mb_s']:.0f} | {r['us_per_sample']:.0f} | "
-            f"{r['cka_gemm_share']:.2f} |"
+        n, share = r["n"], r["cka_gflop"] / gemm / r["stats_s"]
+        figures.add(f"ratio_n{n}", r["stats_s"] / r["read_s"], "ratio", target)
+        figures.add(f"ratio_nocka_n{n}", r["nocka_s"] / r["read_s"], "ratio", target)
+        figures.add(f"read_seconds_n{n}", r["read_s"], "s")
+        figures.add(f"stats_seconds_n{n}", r["stats_s"], "s")
+        figures.add(f"stats_mb_s_n{n}", r["raw_mb"] / r["stats_s"], "MB/s")
+        figures.add(f"cka_gemm_share_n{n}", share, "ratio")
+        table_rows.append(
+            [
+                n,
+                fmt(r["raw_mb"]),
+                fmt(r["read_s"]),
+                fmt(r["stats_s"]),
+                f"**{r['stats_s'] / r['read_s']:.2f}**",
+                fmt(r["nocka_s"]),
+                f"{r['nocka_s'] / r['read_s']:.2f}",
+                fmt(r["raw_mb"] / r["read_s"]),
+                fmt(r["raw_mb"] / r["stats_s"]),
+                fmt(1e6 * r["stats_s"] / n),
+                f"{share:.2f}",
+            ]
         )
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    sizes = [r["n"] for r in rows]
+    line_plot(
+        ctx.plots / "stats.png",
+        "samples N",
+        [
+            (
+                "time ÷ plain read",
+                {
+                    "all statistics": (sizes, [r["stats_s"] / r["read_s"] for r in rows]),
+                    "without CKA": (sizes, [r["nocka_s"] / r["read_s"] for r in rows]),
+                },
+            )
+        ],
+        title="Statistics ÷ plain read of the same arrays",
+        reference=[TARGET_RATIO],
+    )
+    header = ["N", "raw MB", "read s", "stats s", "ratio", "no-CKA s", "ratio no-CKA", "read MB/s"]
+    header += ["stats MB/s", "µs/sample", "CKA product at the GEMM rate ÷ stats time"]
+    store_kind = "a synthetic store shaped like" if ctx.size == "smoke" else "stores of"
+    markdown = "\n\n".join(
+        [
+            "**What is measured:** all block statistics (`compute_block_stats`: BR, relative "
+            "change, cosine, norms, exact CKA) ÷ reading and decompressing the same arrays with "
+            f"the same task layout, on {store_kind} the embedded default model (13 points x 17 "
+            f"tokens x 64 channels, float32, blosc-zstd); median of {repeats}. The machine's "
+            "float64 GEMM rate on the CKA's product, measured in the same run: "
+            f"{gemm:.0f} GFLOP/s.",
+            table(header, table_rows),
+            "![statistics](plots/stats.png)",
+        ]
+    )
+    return Section("stats", figures.results, markdown, ["stats.png"])

@@ -1,0 +1,90 @@
+"""The benchmark suite runs end to end (tiny sizes) and writes well-formed results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks._report import update_results
+from benchmarks._results import BENCHMARKS, Result, at_least
+from benchmarks.suite import main, parse_args
+
+REAL_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
+
+
+@pytest.mark.slow
+def test_smoke_suite_writes_wellformed_results(tmp_path: Path) -> None:
+    real_before = REAL_RESULTS.read_bytes() if REAL_RESULTS.exists() else None
+    out = tmp_path / "results"
+    json_path = tmp_path / "bench.json"
+    args = ["--smoke", "--results-dir", str(out), "--json", str(json_path), "--work", str(tmp_path)]
+    assert main(args) == 0
+
+    payload = json.loads(json_path.read_text())
+    machine = payload["machine"]
+    assert isinstance(machine, dict)
+    assert {"cpu", "cores", "memory_gb", "gpu", "python", "versions", "blas"} <= machine.keys()
+    results = payload["results"]
+    assert results
+    for r in results:
+        assert r["benchmark"] in BENCHMARKS
+        assert isinstance(r["metric"], str) and r["metric"]
+        assert isinstance(r["value"], float) and math.isfinite(r["value"])
+        assert isinstance(r["unit"], str) and r["unit"]
+        if "target" in r:
+            (kind,) = r["target"]
+            assert kind in ("min", "max")
+            assert math.isfinite(r["target"][kind])
+    ran = {r["benchmark"] for r in results}
+    assert ran >= {"solver", "scaling", "out_of_core", "extract", "stats"}
+    metrics = {(r["benchmark"], r["metric"]): r for r in results}
+    # figures that carry one of the issue's targets
+    assert metrics[("solver", "fit_t_max_abs_err_d64")]["target"] == {"max": 1e-6}
+    assert metrics[("out_of_core", "t_max_abs_diff")]["target"] == {"max": 1e-9}
+    assert metrics[("scaling", "fit_rss_ratio_2n")]["target"] == {"max": 1.1}
+    assert any(r["benchmark"] == "extract" and r.get("target") == {"max": 1.15} for r in results)
+    assert any(r["benchmark"] == "stats" and r.get("target") == {"max": 1.3} for r in results)
+
+    markdown = (out / "RESULTS.md").read_text()
+    for name in ("summary", *BENCHMARKS):
+        assert f"<!-- generated: {name} -->" in markdown
+    if "gpu" not in ran:
+        assert "skipped: no GPU" in markdown
+    assert "met" in markdown
+    for png in ("solver.png", "scaling.png", "extract.png", "stats.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    after = REAL_RESULTS.read_bytes() if REAL_RESULTS.exists() else None
+    assert after == real_before, "the smoke run must not touch benchmarks/RESULTS.md"
+
+
+def test_update_results_keeps_hand_written_text(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    path.write_text(
+        "# Results\n\n<!-- generated: solver -->\nold\n<!-- end generated: solver -->\n\n"
+        "# Analysis\n\nwritten by hand\n"
+    )
+    update_results(path, {"solver": "new solver", "summary": "the summary", "stats": "stats"})
+    text = path.read_text()
+    assert "old" not in text and "new solver" in text and "written by hand" in text
+    assert text.index("the summary") < text.index("new solver") < text.index("stats")
+    assert text.index("stats") < text.index("# Analysis")
+    update_results(path, {"solver": "newer"})
+    assert "the summary" in path.read_text() and "newer" in path.read_text()
+
+
+def test_results_are_validated() -> None:
+    with pytest.raises(ValueError, match="not finite"):
+        Result("solver", "x", float("nan"), "s")
+    with pytest.raises(ValueError, match="not one of"):
+        Result("nope", "x", 1.0, "s")
+    assert Result("solver", "x", 0.8, "ratio", at_least(0.7)).to_json()["target"] == {"min": 0.7}
+
+
+def test_only_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["--only", "solver,gpu"]).only == ["solver", "gpu"]
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "solver,nope"])
+    assert "unknown benchmark(s) nope" in capsys.readouterr().err
