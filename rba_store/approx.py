@@ -57,7 +57,10 @@ def check_span_maps(maps: Sequence[SpanMap], n_blocks: int, width: int) -> None:
     for m in ordered:
         a, b = m.span
         if not 0 <= a < b <= n_blocks:
-            raise UsageError(f"span {a}:{b} is out of range for a model of {n_blocks} blocks")
+            raise UsageError(
+                f"span {a}:{b} is out of range for a model of {n_blocks} blocks; pass a:b with "
+                f"0 <= a < b <= {n_blocks}"
+            )
         if m.t is not None and tuple(m.t.shape) != (width, width):
             raise UsageError(
                 f"the map for span {a}:{b} is {m.t.shape[0]}x{m.t.shape[1]}, but the model's "

@@ -311,6 +311,7 @@ def stats(
 
     if max_span < 1 or top < 1:
         raise UsageError(f"--max-span {max_span} and --top {top} must be positive numbers")
+    _check_folder(plots, "--plots")
     result, reused = run_stats(
         store,
         name=name,
@@ -540,6 +541,7 @@ def apply(
     from rba_store.approx import count_parameters
     from rba_store.recipe import load_approximated, write_approximated
 
+    _check_folder(out, "--out")
     maps, names = _span_maps(store, fit_names or [], identity or [])
     if not maps:
         raise UsageError(
@@ -589,6 +591,8 @@ def evaluate(
         write_sweep_plot,
     )
     from rba_store.solve.fit import parse_span
+
+    _check_folder(plots, "--plots")
 
     variants: list[Variant] = []
     for name in fit_names or []:
@@ -654,6 +658,14 @@ def validate(
         for problem in report["problems"]:
             typer.echo(f"  - {problem}")
     return 0 if report["ok"] else EXIT_ERROR
+
+
+def _check_folder(path: Path | None, flag: str) -> None:
+    """Refuse an output folder that is an existing file, before any work is done."""
+    if path is not None and path.exists() and not path.is_dir():
+        raise UsageError(
+            f"{flag} {str(path)!r} is a file; pass a folder (it is created when missing)"
+        )
 
 
 def _error(message: str, code: int) -> int:

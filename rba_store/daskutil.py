@@ -61,6 +61,11 @@ def dask_client(scheduler: str | None = None, scheduler_file: str | None = None)
         from distributed import Client
     except ImportError as e:  # pragma: no cover - distributed is a dependency
         raise UsageError("--scheduler needs dask.distributed: pip install distributed") from e
+    if scheduler_file is not None and not os.path.isfile(scheduler_file):
+        raise UsageError(
+            f"--scheduler-file {scheduler_file!r} does not exist; start a scheduler with "
+            f"'dask scheduler --scheduler-file {scheduler_file}' first"
+        )
     try:
         client = Client(scheduler, scheduler_file=scheduler_file, timeout="10s")
     except (OSError, TimeoutError, ValueError) as e:

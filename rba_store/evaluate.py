@@ -100,6 +100,8 @@ def evaluate_variants(
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Accuracy, agreement with the original, parameters, FLOPs and images/s of each variant."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} is invalid; pass a positive number")
     description = schema.read_description(schema.open_store(store))
     loaded = rebuild_model(description["model"], checkpoint)
     source = test_source(description["data"])
@@ -157,6 +159,8 @@ def sweep_spans(store: str | Path, max_blocks: int | None = None) -> list[tuple[
     """
     from rba_store.stats import run_stats
 
+    if max_blocks is not None and max_blocks < 1:
+        raise UsageError(f"--max-blocks {max_blocks} is invalid; pass a positive number")
     stats, _ = run_stats(store)
     order = [int(b) + 1 for b in np.argsort(stats.relative_change, kind="stable")]
     k_max = min(max_blocks or stats.n_blocks - 1, stats.n_blocks - 1)

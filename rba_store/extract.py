@@ -133,13 +133,21 @@ def _check_options(options: ExtractOptions) -> None:
         raise UsageError(
             f"--device {options.device!r} is not a torch device; use cpu or cuda"
         ) from e
-    if options.num_workers < 1 or not 0 <= options.worker_index < options.num_workers:
+    if options.num_workers < 1:
+        raise UsageError(f"--num-workers {options.num_workers} is invalid; pass 1 or more")
+    if not 0 <= options.worker_index < options.num_workers:
         raise UsageError(
-            f"--worker-index {options.worker_index} of --num-workers {options.num_workers} is "
-            f"invalid; pass 0 <= worker index < {max(options.num_workers, 1)}"
+            f"--worker-index {options.worker_index} is out of range for --num-workers "
+            f"{options.num_workers}; pass 0..{options.num_workers - 1}"
         )
-    if not 0 <= options.clevel <= 22:
-        raise UsageError(f"--clevel {options.clevel} is out of range; use 0..22 (zstd) or 0..9")
+    top = 9 if options.codec.startswith("blosc") else 22
+    if not 0 <= options.clevel <= top:
+        raise UsageError(
+            f"--clevel {options.clevel} is out of range for --codec {options.codec}; use 0..{top}"
+        )
+    for flag, value in (("--chunk-mb", options.chunk_mb), ("--shard-mb", options.shard_mb)):
+        if not value > 0:
+            raise UsageError(f"{flag} {value} is invalid; pass a positive size in MB (e.g. 4)")
 
 
 def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
@@ -211,7 +219,11 @@ def _open_or_create(plan: ExtractionPlan, out: Path, overwrite: bool) -> tuple[z
     # Build the new store beside its final place, then move it in: a crash leaves no half store.
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.creating-{os.getpid()}")
-    schema.create_store(staging, plan.description, plan.layout)
+    try:
+        schema.create_store(staging, plan.description, plan.layout)
+    except OSError as e:  # e.g. a full disk: leave nothing behind, name --out
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(e.errno, e.strerror or str(e), str(out)) from e
     try:
         if out.exists():
             out.rmdir()

@@ -20,6 +20,11 @@ def rebuild_model(model: dict[str, Any], checkpoint: str | Path | None = None) -
     name = model["name"]
     if source in ("embedded", "checkpoint"):
         path = Path(checkpoint) if checkpoint else Path(weights["path"])
+        if checkpoint and not path.is_file():
+            raise ModelError(
+                f"--checkpoint {str(path)!r} does not exist; pass the weights file of {name!r} "
+                f"(sha256 {weights['sha256'][:12]}…)"
+            )
         if not path.is_file():
             raise ModelError(
                 f"the weights file {weights['path']!r} (sha256 {weights['sha256'][:12]}…) of "

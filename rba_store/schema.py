@@ -524,6 +524,8 @@ def write_analysis(store: str | Path, path: str, ds: xr.Dataset) -> None:
             os.replace(target, replaced)
         os.replace(staging, target)
         shutil.rmtree(replaced, ignore_errors=True)
+    except OSError as e:  # name the store, not the staging folder
+        raise OSError(e.errno, e.strerror or str(e), f"{root}/{path}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     consolidate(store)

@@ -1,0 +1,157 @@
+"""Bad input across every command: one line on stderr, a non-zero exit, every store untouched.
+
+Each row is an invocation, the words its error must contain, and an optional way of breaking
+the world first (a store from a newer format version, an incomplete store, a read-only store
+or a full disk). Read-only folders and full disks are simulated by making Zarr's file writes
+fail with EACCES / ENOSPC (tests may run as root, who can write to read-only folders, and
+cannot mount a tiny filesystem without privileges).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import zarr
+import zarr.storage._local as zarr_local
+
+from rba_store.cli import main
+from rba_store.solve import FitOptions, fit_spans
+from rba_store.stats import run_stats
+from tests.conftest import tree_digest
+
+S = "{store}"
+N = "{newer}"
+T = "{tmp}"
+
+# (setup, argv, words the error line must contain)
+BAD = [
+    # info
+    (None, ["info", f"{T}/absent.zarr"], "does not exist; create it with 'rba-store extract'"),
+    (None, ["info", f"{T}/notes.txt"], "is not an rba-store store"),
+    (None, ["info", S, "--jsn"], "No such option: --jsn (Possible options: --json)"),
+    (None, ["info", N], "format version 99, newer than this rba-store reads (1)"),
+    # stats
+    (None, ["stats", S, "--limit", "abc"], "Invalid value for '--limit'"),
+    (None, ["stats", S, "--limit", "500"], "--limit 500 is out of range for"),
+    (None, ["stats", S, "--sample", "-3"], "--sample -3 is out of range"),
+    (None, ["stats", S, "--max-span", "0"], "must be positive numbers"),
+    (None, ["stats", S, "--name", "../evil"], "name '../evil' is not valid"),
+    (None, ["stats", S, "--limit", "5", "--sample", "5"], "exclude each other; pass only one"),
+    (None, ["stats", S, "--plots", f"{T}/notes.txt"], "is a file; pass a folder"),
+    (None, ["stats", N], "newer than this rba-store reads"),
+    ("incomplete", ["stats", S, "--overwrite"], "2/3 shards (30/50 samples)"),
+    ("read-only", ["stats", S, "--overwrite"], "is read-only (Permission denied); make it"),
+    ("full-disk", ["stats", S, "--overwrite"], "no space left on the device writing"),
+    # fit
+    (None, ["fit", S, "--span", "4-6"], "--span '4-6' is not of the form a:b"),
+    (None, ["fit", S, "--span", "6:4"], "span 6:4 is out of range"),
+    (None, ["fit", S, "--span", "0:13"], "pass a:b with 0 <= a < b <= 12"),
+    (None, ["fit", S, "--span", "4:6", "--name", "f46"], "pass --overwrite to replace it"),
+    (None, ["fit", S, "--auto", "0"], "--auto 0 is invalid"),
+    (None, ["fit", S, "--auto", "2", "--stats", "nope"], "has no stats/nope; run"),
+    (None, ["fit", S, "--span", "2:3", "--eval-store", f"{T}/absent.zarr"], "does not exist"),
+    (None, ["fit", S, "--span", "2:3", "--eval-store", N], "newer than this rba-store"),
+    (None, ["fit", S, "--span", "2:3", "--holdout", "0.2", "--eval-store", S], "exclude"),
+    (None, ["fit", S, "--span", "2:3", "--gemm", "float16"], "Invalid value for '--gemm'"),
+    (None, ["fit", S, "--span", "2:3", "--checkpoint-every", "-1"], "pass seconds >= 0"),
+    (None, ["fit", S, "--span", "2:3", "--checkpoint", T], "is a folder; pass a file path"),
+    (None, ["fit", S, "--span", "2:3", "--ridge", "nan"], "--ridge nan is invalid"),
+    (None, ["fit", S, "--span", "1:2", "--limit", "3"], "underdetermined; pass --ridge"),
+    (None, ["fit", S, "--span", "2:3", "--scheduler-file", f"{T}/none.json"], "dask scheduler"),
+    ("incomplete", ["fit", S, "--span", "2:3"], "--allow-incomplete"),
+    ("read-only", ["fit", S, "--span", "2:3"], "is read-only (Permission denied); make it"),
+    ("full-disk", ["fit", S, "--span", "2:3"], "no space left on the device writing"),
+    # apply
+    (None, ["apply", S, "--out", f"{T}/out"], "nothing to apply; pass --fit NAME"),
+    (None, ["apply", S, "--out", f"{T}/out", "--fit", "nope"], "no fit 'nope' in"),
+    (None, ["apply", S, "--out", f"{T}/out", "--identity", "3:2"], "pass a:b with 0 <= a < b"),
+    (None, ["apply", S, "--fit", "f46"], "Missing option '--out'"),
+    (None, ["apply", S, "--out", f"{T}/notes.txt", "--fit", "f46"], "is a file; pass a folder"),
+    (None, ["apply", S, "--out", f"{T}/o", "--fit", "f46", "--identity", "5:7"], "overlap"),
+    # evaluate
+    (None, ["evaluate", S], "nothing to evaluate in"),
+    (None, ["evaluate", S, "--fit", "nope"], "no fit 'nope' in"),
+    (None, ["evaluate", S, "--identity", "0:99"], "span 0:99 is out of range"),
+    (None, ["evaluate", S, "--fit", "f46", "--batch-size", "0"], "--batch-size 0 is invalid"),
+    (None, ["evaluate", S, "--auto", "--max-blocks", "0"], "--max-blocks 0 is invalid"),
+    (None, ["evaluate", S, "--fit", "f46", "--checkpoint", f"{T}/none.pth"], "none.pth' does not"),
+    # validate
+    (None, ["validate", f"{T}/absent.zarr"], "does not exist"),
+    (None, ["validate", S, "--fix"], "No such option: --fix"),
+    (None, ["validate", N], "newer than this rba-store reads"),
+    # extract
+    (None, ["extract", "--out", S, "--limit", "20"], "different configuration"),
+    (None, ["extract", "--out", N, "--limit", "50"], "newer than this rba-store reads"),
+    (None, ["extract", "--out", f"{T}/notes.txt"], "exists and is not an rba-store store"),
+    (None, ["extract", "--out", S, "--num-workers", "0"], "--num-workers 0 is invalid"),
+    (None, ["extract", "--out", S, "--num-workers", "2", "--worker-index", "2"], "pass 0..1"),
+    (None, ["extract", "--out", S, "--clevel", "12"], "out of range for --codec blosc-zstd"),
+    (None, ["extract", "--out", S, "--chunk-mb", "0"], "--chunk-mb 0.0 is invalid"),
+    ("full-disk", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], "no space left"),
+    ("read-only", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], "is read-only"),
+]
+
+
+@pytest.fixture(scope="module")
+def analysed_store(tmp_path_factory: pytest.TempPathFactory, small_store: Path) -> Path:
+    """The small store with saved statistics and a fit named f46."""
+    store = tmp_path_factory.mktemp("bad-input") / "analysed.zarr"
+    shutil.copytree(small_store, store)
+    run_stats(store)
+    fit_spans(store, FitOptions(spans=((4, 6),), name="f46", backend="numpy"))
+    return store
+
+
+def _fail_writes(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    def refuse(path: Path, *args: object, **kwargs: object) -> int:
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(zarr_local, "_put", refuse)
+
+
+@pytest.mark.parametrize(("setup", "argv", "words"), BAD, ids=lambda v: str(v)[:40])
+def test_bad_invocation_is_one_line_and_leaves_stores_byte_identical(
+    setup: str | None,
+    argv: list[str],
+    words: str,
+    analysed_store: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store, newer = tmp_path / "store.zarr", tmp_path / "newer.zarr"
+    shutil.copytree(analysed_store, store)
+    shutil.copytree(analysed_store, newer)
+    group = zarr.open_group(str(newer), mode="r+", use_consolidated=False)
+    group.attrs["rba_store"] = dict(group.attrs["rba_store"]) | {"format_version": 99}
+    (tmp_path / "notes.txt").write_text("not a store")
+    if setup == "incomplete":
+        zarr.open_group(str(store), mode="r+", use_consolidated=False)["ledger/shards"][1] = 0
+    before = {path: tree_digest(path) for path in (store, newer)}
+    if setup in ("read-only", "full-disk"):
+        _fail_writes(monkeypatch, errno.EACCES if setup == "read-only" else errno.ENOSPC)
+
+    paths = {S: str(store), N: str(newer), T: str(tmp_path)}
+    args = [paths.get(a, a) for a in argv]
+    args = [a.replace(T, str(tmp_path)) for a in args]
+    code = main(args)
+    err = capsys.readouterr().err
+
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rba-store: error: ") and "Traceback" not in err
+    assert words in lines[0], lines[0]
+    assert {path: tree_digest(path) for path in (store, newer)} == before
+    assert not (tmp_path / "new.zarr").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_the_table_covers_every_command_with_at_least_30_cases() -> None:
+    commands = {argv[0] for _, argv, _ in BAD}
+    assert commands == {"extract", "info", "stats", "fit", "apply", "evaluate", "validate"}
+    assert len(BAD) >= 30
