@@ -98,6 +98,55 @@ def test_a_live_claim_is_refused_and_a_stale_one_taken_over(
     assert_same_store(out, small_store)
 
 
+_CLAIM_AT = """
+import sys, time
+import zarr
+from rba_store import schema
+from rba_store.errors import ConfigMismatchError
+group = zarr.open_group(sys.argv[1], mode="r+", use_consolidated=False)
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+try:
+    schema.claim_worker(group, 0, 2)
+except ConfigMismatchError:
+    print("refused")
+else:
+    print("claimed")
+    time.sleep(3)
+"""
+
+
+def test_two_processes_claiming_the_same_worker_at_once_one_wins(
+    tmp_path: Path, small_store: Path
+) -> None:
+    store = tmp_path / "race.zarr"
+    shutil.copytree(small_store, store)
+    at = time.time() + 3  # both start their claim at this instant
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLAIM_AT, str(store), str(at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outcomes = sorted(racer.communicate(timeout=60)[0].strip() for racer in racers)
+    assert outcomes == ["claimed", "refused"]
+
+
+def test_a_claim_whose_owner_died_before_recording_itself_is_taken_over(
+    tmp_path: Path, small_store: Path
+) -> None:
+    store = tmp_path / "crashed-claim.zarr"
+    shutil.copytree(small_store, store)
+    (store / "claims" / "worker-0-of-2").mkdir()  # the folder, no metadata: a crash in between
+    group = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    path = schema.claim_worker(group, 0, 2)
+    assert dict(group[path].attrs)["pid"] == os.getpid()
+    schema.release_claim(group, path)
+    assert not (store / "claims" / "worker-0-of-2").exists()
+
+
 KILL_OPTIONS = [
     "--model",
     "test_vit",
