@@ -13,7 +13,6 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 
 from rba_store.solve._backend import array_module, to_numpy
 
@@ -134,6 +133,17 @@ def _system(ne: NormalEquations, bias: bool) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def _cholesky_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a⁻¹ b`` for symmetric positive definite ``a``, through ``a = L Lᵀ``.
+
+    NumPy's LAPACK rather than SciPy's: SciPy ships its own OpenBLAS, whose threads fight the
+    still-spinning threads of NumPy's just after the accumulation (measured: 0.1 s instead of
+    1 ms for a 384 x 384 Cholesky on 2 cores).
+    """
+    lower = np.linalg.cholesky(a)
+    return np.linalg.solve(lower.T, np.linalg.solve(lower, b))
+
+
 def solve(ne: NormalEquations, *, bias: bool = False, ridge: float = 0.0) -> Solution:
     """Solve ``min ‖X T (+ b) - Y‖² (+ ridge)`` from accumulated normal equations, in float64.
 
@@ -159,7 +169,7 @@ def solve(ne: NormalEquations, *, bias: bool = False, ridge: float = 0.0) -> Sol
     t = None
     if cond < COND_LIMIT:
         try:
-            t = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True), b)
+            t = _cholesky_solve(a, b)
         except np.linalg.LinAlgError:
             t = None
     if t is None:
