@@ -8,6 +8,7 @@ the small results come back to the host once, for the solve.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -20,12 +21,32 @@ COND_LIMIT = 1e10  # above this condition number of the system, Cholesky gives w
 GEMM_DTYPES = ("float64", "float32")
 
 
-def _centred_float64(a: Any, xp: ModuleType) -> tuple[Any, Any]:
-    """``a - mean(a)`` in float64 and the mean; in place when the cast already made a copy."""
-    a64 = xp.asarray(a, dtype=xp.float64)
+_workspace = threading.local()
+
+
+def _float64_copy(a: Any, xp: ModuleType, slot: str) -> Any:
+    """``a`` as a float64 array this code may modify: on the host, in a per-thread buffer.
+
+    Reusing one buffer per thread and slot (instead of a fresh 10-100 MB array per chunk) keeps
+    the process's peak memory flat however many chunks pass: glibc's allocator otherwise serves
+    such blocks from per-thread heaps that fragment as more chunks go through. The result is
+    valid until the next call with the same slot in the same thread.
+    """
+    if xp is not np:
+        return xp.array(a, dtype=xp.float64, copy=True)
+    buffers: dict[str, np.ndarray] = _workspace.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.size < a.size:
+        buffer = buffers[slot] = np.empty(a.size, dtype=np.float64)
+    out = buffer[: a.size].reshape(a.shape)
+    np.copyto(out, a)
+    return out
+
+
+def _centred_float64(a: Any, xp: ModuleType, slot: str) -> tuple[Any, Any]:
+    """``a - mean(a)`` in float64 (a copy, see :func:`_float64_copy`) and the mean."""
+    a64 = _float64_copy(a, xp, slot)
     mean = a64.mean(axis=0)
-    if a64 is a:  # already float64: do not modify the caller's array
-        return a64 - mean, mean
     a64 -= mean
     return a64, mean
 
@@ -54,15 +75,15 @@ class NormalEquations:
         """The accumulator of one chunk. ``gemm_dtype="float32"`` runs the two products in float32
         (after centring in float64); results are still accumulated in float64 across chunks."""
         xp = xp or array_module(x_ri)
-        xc, mean_x = _centred_float64(x_ri, xp)
-        yc, mean_y = _centred_float64(y_ro, xp)
+        xc, mean_x = _centred_float64(x_ri, xp, "x")
+        yc, mean_y = _centred_float64(y_ro, xp, "y")
         if gemm_dtype == "float32":
             xc32, yc32 = xc.astype(xp.float32), yc.astype(xp.float32)
             sxx = (xc32.T @ xc32).astype(xp.float64)
             sxy = (xc32.T @ yc32).astype(xp.float64)
         else:
             sxx, sxy = xc.T @ xc, xc.T @ yc
-        return cls(len(xc), mean_x, mean_y, sxx, sxy, (yc * yc).sum(axis=0))
+        return cls(len(xc), mean_x, mean_y, sxx, sxy, xp.einsum("ro,ro->o", yc, yc))
 
     def merge(self, other: NormalEquations) -> NormalEquations:
         """Exact combination with an accumulator of other rows."""
