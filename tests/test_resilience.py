@@ -294,13 +294,13 @@ def test_fit_resumes_from_its_checkpoint_to_the_same_t(
         np.testing.assert_allclose(t, plain, rtol=0, atol=1e-10)
 
     for crash_after in (1, 2):  # shards are folded one at a time, then three at a time
-        monkeypatch.setattr(fit_module, "concurrency", lambda client: 1)
+        monkeypatch.setattr(fit_module, "_shards_per_group", lambda client: 1)
         crash_after_saves(monkeypatch, crash_after)
         with pytest.raises(Crash):
             fit(f"resumed{crash_after}", checkpoint=str(checkpoint), checkpoint_every=0)
         with np.load(checkpoint) as saved:
             assert int(saved["shards_done"]) == crash_after
-        monkeypatch.setattr(fit_module, "concurrency", lambda client: 3)
+        monkeypatch.setattr(fit_module, "_shards_per_group", lambda client: 3)
         resumed = fit(f"resumed{crash_after}", checkpoint=str(checkpoint), checkpoint_every=0)
         for t, reference in zip(resumed, uninterrupted, strict=True):
             np.testing.assert_array_equal(t, reference)  # bit for bit
@@ -313,7 +313,7 @@ def test_a_checkpoint_of_another_fit_is_refused(
     store = tmp_path / "fit.zarr"
     shutil.copytree(small_store, store)
     checkpoint = tmp_path / "other.npz"
-    monkeypatch.setattr(fit_module, "concurrency", lambda client: 1)
+    monkeypatch.setattr(fit_module, "_shards_per_group", lambda client: 1)
     crash_after_saves(monkeypatch, 1)
     with pytest.raises(Crash):
         fit_spans(
@@ -339,7 +339,7 @@ def save_then_wait(*args):
     save(*args)
     time.sleep(120)  # a window in which the test kills this process
 fit.save_checkpoint = save_then_wait
-fit.concurrency = lambda client: 1
+fit._shards_per_group = lambda client: 1
 from rba_store.cli import run
 run()
 """

@@ -326,6 +326,11 @@ def _equations(
     return _resumable_equations(parts, Path(options.checkpoint), key, options)
 
 
+def _shards_per_group(client: Any) -> int:
+    """Shards computed between two folds: several per core, so that few barriers stall them."""
+    return 4 * concurrency(client)
+
+
 def _resumable_equations(
     parts: list[Any], path: Path, key: str, options: FitOptions
 ) -> dict[int, NormalEquations]:
@@ -338,7 +343,7 @@ def _resumable_equations(
     done, total = state if state is not None else (0, {})
     last_saved = time.monotonic()
     with dask_client(options.scheduler, options.scheduler_file) as client:
-        group = concurrency(client)
+        group = _shards_per_group(client)
         try:
             while done < len(parts):
                 batch = parts[done : done + group]
