@@ -393,3 +393,39 @@ def test_validate_finds_problems(
     assert "fingerprint does not match" in problems
     assert "h5 holds NaN or Inf in samples 24..24" in problems
     assert "shard 2 (samples 40..49) is marked complete but h7 has no data" in problems
+
+
+def test_ctrl_c_during_a_fit_saves_the_partial_sums_and_the_same_command_resumes(
+    tmp_path: Path,
+    small_store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = tmp_path / "fit.zarr"
+    shutil.copytree(small_store, store)
+    checkpoint = tmp_path / "ckpt.npz"
+    args = ["fit", str(store), "--span", "3:8", "--checkpoint", str(checkpoint), "--name"]
+    assert main([*args, "whole"]) == 0
+    monkeypatch.setattr(fit_module, "_shards_per_group", lambda client: 1)
+    real_compute, calls = fit_module.compute_with, {"n": 0}
+
+    def interrupted_second_time(*a: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_compute(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fit_module, "compute_with", interrupted_second_time)
+    capsys.readouterr()
+    assert main([*args, "resumed"]) == 130  # --checkpoint-every 60: only Ctrl-C saves here
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"rba-store: error: interrupted: the partial sums are saved in {str(checkpoint)!r}; "
+        "re-run the same command to resume"
+    )
+    with np.load(checkpoint) as saved:
+        assert int(saved["shards_done"]) == 1
+    monkeypatch.setattr(fit_module, "compute_with", real_compute)
+    assert main([*args, "resumed"]) == 0
+    whole, resumed = (load_fit(store, name)["T"].values for name in ("whole", "resumed"))
+    np.testing.assert_array_equal(resumed, whole)

@@ -334,32 +334,33 @@ def _shards_per_group(client: Any) -> int:
 def _resumable_equations(
     parts: list[Any], path: Path, key: str, options: FitOptions
 ) -> dict[int, NormalEquations]:
-    """Shards in groups of as many as run at once, folded in store order; checkpointed.
+    """Shards in groups (several per core), folded in store order; checkpointed.
 
     The fold order is fixed (shard 0, 1, 2, ...), so a run resumed from any checkpoint gives
-    bit for bit the accumulators, and T, of an uninterrupted one.
+    bit for bit the accumulators, and T, of an uninterrupted one. ``state`` (shards folded,
+    accumulators) changes in one assignment, so a Ctrl-C never saves a half-folded group.
     """
-    state = load_checkpoint(path, key)
-    done, total = state if state is not None else (0, {})
+    state = load_checkpoint(path, key) or (0, {})
     last_saved = time.monotonic()
     with dask_client(options.scheduler, options.scheduler_file) as client:
         group = _shards_per_group(client)
         try:
-            while done < len(parts):
+            while state[0] < len(parts):
+                done, total = state
                 batch = parts[done : done + group]
-                partials = compute_with(client, dask.delayed(list)(batch), len(parts))
-                for partial in partials:
+                for partial in compute_with(client, dask.delayed(list)(batch), len(parts)):
                     host = {a: ne.to_numpy() for a, ne in partial.items()}
                     total = _merge_equations(total, host) if total else host
-                done += len(batch)
-                if done < len(parts) and time.monotonic() - last_saved >= options.checkpoint_every:
-                    save_checkpoint(path, key, done, total)
+                state = (done + len(batch), total)
+                due = time.monotonic() - last_saved >= options.checkpoint_every
+                if due and state[0] < len(parts):
+                    save_checkpoint(path, key, *state)
                     last_saved = time.monotonic()
         except KeyboardInterrupt:
-            if total:  # Ctrl-C: keep what is folded so far
-                save_checkpoint(path, key, done, total)
+            if state[1]:  # Ctrl-C: keep what is folded so far
+                save_checkpoint(path, key, *state)
             raise
-    return total
+    return state[1]
 
 
 def fit_spans(store: str | Path, options: FitOptions) -> list[SpanFit]:
