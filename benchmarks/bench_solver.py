@@ -32,6 +32,7 @@ TOKENS = 197
 METHODS = (
     "fit",
     "fit32",
+    "fit_ckpt",
     "limit",
     "torch32",
     "torch64",
@@ -39,7 +40,8 @@ METHODS = (
     "sklearn_ridge",
     "sklearn_linreg",
 )
-SMOKE_SKIPS = ("fit32", "torch64", "sklearn_linreg")  # same code paths as fit, torch32, ridge
+# same code paths as fit, torch32, ridge
+SMOKE_SKIPS = ("fit32", "fit_ckpt", "torch64", "sklearn_linreg")
 BYTES_PER_ROW_CHANNEL = 48  # peak of the in-memory lstsq methods: ~44 bytes per row and channel
 LIMIT_RATIO_TARGET = 0.7  # for D >= 384
 T_ERROR_TARGET = 1e-6
@@ -48,11 +50,12 @@ T_ERROR_TARGET = 1e-6
 # -- child processes ----------------------------------------------------------------------------
 
 
-def fit_child(store: str, gemm_dtype: str) -> dict[str, Any]:
+def fit_child(store: str, gemm_dtype: str, checkpoint: str | None = None) -> dict[str, Any]:
     """rba-store's fit of span 0:1 from the store, after one untimed fit of its first shard.
 
     The untimed fit pays the first-call costs of a fresh process (imports on first use, thread
-    pools); its time is returned as ``first_call_seconds``.
+    pools); its time is returned as ``first_call_seconds``. With ``checkpoint``, the timed fit
+    saves its partial sums there after every group of shards (``--checkpoint-every 0``).
     """
     from rba_store import schema
     from rba_store.selection import SampleSelection
@@ -66,6 +69,8 @@ def fit_child(store: str, gemm_dtype: str) -> dict[str, Any]:
             gemm_dtype=gemm_dtype,
             name=name,
             overwrite=True,
+            checkpoint=checkpoint if name.startswith("bench-fit") else None,
+            checkpoint_every=0.0,
         )
 
     shard = schema.read_layout(schema.open_store(store)).shard_samples
@@ -73,7 +78,7 @@ def fit_child(store: str, gemm_dtype: str) -> dict[str, Any]:
     fit_spans(store, options("bench-warm-up", SampleSelection(limit=shard)))
     first_call = time.perf_counter() - start
     start = time.perf_counter()
-    (fit,) = fit_spans(store, options(f"bench-{gemm_dtype}", SampleSelection()))
+    (fit,) = fit_spans(store, options(f"bench-fit-{gemm_dtype}", SampleSelection()))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "first_call_seconds": first_call, "t": fit.solution.t}
 
@@ -126,9 +131,12 @@ def lstsq_child(store: str, method: str) -> dict[str, Any]:
 
 
 def measure(method: str, store: Path, work: Path) -> dict[str, Any]:
-    if method in ("fit", "fit32"):
+    if method in ("fit", "fit32", "fit_ckpt"):
         dtype = "float32" if method == "fit32" else "float64"
-        return run_in_child(fit_child, work, store=str(store), gemm_dtype=dtype)
+        checkpoint = str(work / "solver.ckpt.npz") if method == "fit_ckpt" else None
+        return run_in_child(
+            fit_child, work, store=str(store), gemm_dtype=dtype, checkpoint=checkpoint
+        )
     if method == "limit":
         return run_in_child(limit_child, work, store=str(store))
     return run_in_child(lstsq_child, work, store=str(store), method=method)
@@ -171,6 +179,9 @@ def run_width(ctx: Context, d: int, repeats: int, figures: Figures) -> list[dict
     figures.add(f"limit_ratio_d{d}", seconds["limit"] / seconds["fit"], "ratio", target)
     if "fit32" in seconds:
         figures.add(f"fit32_limit_ratio_d{d}", seconds["limit"] / seconds["fit32"], "ratio")
+    if "fit_ckpt" in seconds:
+        overhead = seconds["fit_ckpt"] / seconds["fit"]
+        figures.add(f"checkpoint_overhead_d{d}", overhead, "ratio")
     out = []
     for method in methods:
         t = runs[method][0].get("t")
@@ -181,7 +192,7 @@ def run_width(ctx: Context, d: int, repeats: int, figures: Figures) -> list[dict
         if error is not None:
             err_target = at_most(T_ERROR_TARGET) if method == "fit" else None
             figures.add(f"{method}_t_max_abs_err_d{d}", error, "abs", err_target)
-        if method not in ("fit", "fit32", "limit"):
+        if not method.startswith(("fit", "limit")):
             speed_target = at_least(1.0) if method.startswith("torch") else None
             speedup = seconds[method] / seconds["fit"]
             figures.add(f"speedup_vs_{method}_d{d}", speedup, "ratio", speed_target)
@@ -261,7 +272,9 @@ def run(ctx: Context) -> Section:
             "`torch.linalg.lstsq` float32 and float64, `numpy.linalg.lstsq`, scikit-learn "
             "`Ridge` (alpha 1e-6) and `LinearRegression`. Each method in its own process (peak "
             f"RSS); median of {repeats} interleaved run(s). T error: max |T - T_lstsq| against "
-            "float64 `numpy.linalg.lstsq`. fit32 is `fit --gemm float32`.",
+            "float64 `numpy.linalg.lstsq`. fit32 is `fit --gemm float32`; fit_ckpt is `fit "
+            "--checkpoint FILE --checkpoint-every 0` (partial sums saved after every group of "
+            "shards; `checkpoint_overhead_d*` = its time ÷ fit's).",
             _table(rows),
             "![solver](plots/solver.png)",
         ]
