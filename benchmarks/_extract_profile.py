@@ -9,11 +9,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks._extract_timing import load, shard_batches
 from rba_store import schema
-from rba_store.extract import ExtractionPlan
+from rba_store.extract import ExtractionPlan, shard_buffer
 
 
 @dataclass(frozen=True)
@@ -40,19 +38,6 @@ def timed(totals: dict[str, float], key: str) -> Iterator[None]:
         totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
 
-def _buffer(plan: ExtractionPlan, first: int, last: int) -> dict[str, np.ndarray]:
-    """A shard buffer like the extractor's: every array's rows ``[first, last)``."""
-    layout, rows = plan.layout, last - first
-    buffer = {
-        schema.h_name(k): np.empty((rows, p.n_tokens, p.n_channels), layout.dtype)
-        for k, p in enumerate(layout.points)
-    }
-    buffer[schema.FEATURES] = np.empty((rows, layout.n_features), layout.dtype)
-    buffer[schema.LABEL] = plan.source.labels[first:last]
-    buffer[schema.SAMPLE_ID] = np.asarray(plan.source.sample_ids[first:last], dtype=str)
-    return buffer
-
-
 def profile(plan: ExtractionPlan, out: Path) -> Breakdown:
     """Do what one extraction does, step by step with nothing overlapping, and time each step."""
     totals: dict[str, float] = {}
@@ -60,7 +45,7 @@ def profile(plan: ExtractionPlan, out: Path) -> Breakdown:
         group = schema.create_store(out, plan.description, plan.layout)
         for shard_idx, ranges in enumerate(shard_batches(plan)):
             first, last = plan.layout.shard_rows(shard_idx)
-            buffer = _buffer(plan, first, last)
+            buffer = shard_buffer(plan, shard_idx)
             for start, stop in ranges:
                 with timed(totals, "load"):
                     x = load(plan, start, stop)

@@ -292,7 +292,8 @@ def _batches(plan: ExtractionPlan, shards: list[int]) -> Iterator[tuple[int, int
             yield shard_idx, start, min(start + plan.options.batch_size, last)
 
 
-def _shard_buffer(plan: ExtractionPlan, shard_idx: int) -> dict[str, np.ndarray]:
+def shard_buffer(plan: ExtractionPlan, shard_idx: int) -> dict[str, np.ndarray]:
+    """Empty arrays for one shard of every array (labels and ids filled), as the writer takes."""
     layout = plan.layout
     start, stop = layout.shard_rows(shard_idx)
     rows = stop - start
@@ -341,7 +342,7 @@ def run_extraction(
                     else loader.submit(plan.source.load, *nxt[1:], plan.preprocess)
                 )
                 if buffer is None:
-                    buffer = _shard_buffer(plan, shard_idx)
+                    buffer = shard_buffer(plan, shard_idx)
                 captured = plan.capture(inputs.to(device))
                 offset = start - plan.layout.shard_rows(shard_idx)[0]
                 rows = slice(offset, offset + stop - start)

@@ -400,7 +400,7 @@ def discard_torn_shard(group: zarr.Group, shard_idx: int, names: Sequence[str]) 
     would fail to decode, or worse, lend its bytes; an incomplete shard's files hold nothing of
     value (the ledger never called them complete).
     """
-    if completed_shards(group)[shard_idx]:
+    if group[LEDGER_PATH][shard_idx]:  # one ledger object, not the whole ledger
         raise StoreError(f"shard {shard_idx} is complete; refusing to discard it")
     root = Path(str(group.store.root))  # type: ignore[attr-defined]
     for name in names:
