@@ -1,7 +1,7 @@
 """Compression ratio and speed of every codec on the same activations.
 
 The uncompressed store of an extraction is re-encoded, array by array and shard by shard, into
-zarr arrays with the store's own chunking and each codec (``schema.compressors``), then read back.
+zarr arrays with the store's own chunking and each codec (``rs.compressors``), then read back.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import zarr
 
-from rba_store import schema
+from rba_store import store as rs
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,13 @@ class CodecRun:
 def reencode(store: Path, codec: str, out: Path) -> CodecRun:
     """Write every ``h`` array of ``store`` with ``codec`` into ``out`` (removed afterwards)."""
     source = zarr.open_group(str(store), mode="r", use_consolidated=False)
-    layout = schema.read_layout(source)
+    layout = rs.StoreLayout.from_attrs(source.attrs["rba_store"]["layout"])
     target = zarr.open_group(str(out), mode="w", zarr_format=3)
     write_s = read_s = 0.0
     raw = stored = 0
     try:
         for k in range(len(layout.points)):
-            name = schema.h_name(k)
+            name = rs.h_name(k)
             src = source[name]
             dst = target.create_array(
                 name,
@@ -56,7 +56,7 @@ def reencode(store: Path, codec: str, out: Path) -> CodecRun:
                 chunks=src.chunks,
                 shards=src.shards,
                 dtype=src.dtype,
-                compressors=schema.compressors(codec, layout.clevel),
+                compressors=rs.compressors(codec, layout.clevel),
                 fill_value=0,
             )
             for shard in range(layout.n_shards):

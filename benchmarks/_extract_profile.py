@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks._extract_timing import load, shard_batches
-from rba_store import schema
+from rba_store import store as rs
 from rba_store.extract import ExtractionPlan, shard_buffer
 
 
@@ -42,7 +42,7 @@ def profile(plan: ExtractionPlan, out: Path) -> Breakdown:
     """Do what one extraction does, step by step with nothing overlapping, and time each step."""
     totals: dict[str, float] = {}
     try:
-        group = schema.create_store(out, plan.description, plan.layout)
+        store = rs.Store.create(out, plan.description, plan.layout)
         for shard_idx, ranges in enumerate(shard_batches(plan)):
             first, last = plan.layout.shard_rows(shard_idx)
             buffer = shard_buffer(plan, shard_idx)
@@ -54,11 +54,11 @@ def profile(plan: ExtractionPlan, out: Path) -> Breakdown:
                 with timed(totals, "copy"):
                     rows = slice(start - first, stop - first)
                     for k, point in enumerate(captured.points):
-                        buffer[schema.h_name(k)][rows] = point.cpu().numpy()
-                    buffer[schema.FEATURES][rows] = captured.features.cpu().numpy()
+                        buffer[rs.h_name(k)][rows] = point.cpu().numpy()
+                    buffer[rs.FEATURES][rows] = captured.features.cpu().numpy()
             with timed(totals, "write"):
                 for name, values in buffer.items():
-                    group[name][first:last] = values
+                    store.array(name)[first:last] = values
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return Breakdown(totals["load"], totals["capture"], totals["copy"], totals["write"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rba_store.extract import ExtractionPlan, run_extraction
-from rba_store.info import store_info
+from rba_store.store.info import store_info
 
 
 @dataclass(frozen=True)

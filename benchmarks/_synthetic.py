@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from rba_store import schema
+from rba_store import store as rs
 
 
 class ActivationModel:
@@ -61,8 +61,8 @@ def write_store(
     period: int | None = None,
 ) -> Path:
     """A complete store with ``n_points`` capture points ``h0..`` of shape (tokens, channels)."""
-    point = schema.CapturePoint(tokens, channels, (tokens, channels))
-    layout = schema.plan_layout(
+    point = rs.CapturePoint(tokens, channels, (tokens, channels))
+    layout = rs.plan_layout(
         n_samples,
         [point] * n_points,
         channels,
@@ -72,7 +72,7 @@ def write_store(
         shard_samples=shard_samples,
     )
     description = {
-        "format_version": schema.FORMAT_VERSION,
+        "format_version": rs.FORMAT_VERSION,
         "kind": "activations",
         "model": {
             "name": "synthetic",
@@ -88,8 +88,8 @@ def write_store(
         "layout": layout.to_attrs(),
         "versions": {},
     }
-    description["fingerprint"] = schema.fingerprint(description)
-    group = schema.create_store(path, description, layout)
+    description["fingerprint"] = rs.fingerprint(description)
+    store = rs.Store.create(path, description, layout)
     model = ActivationModel(channels, n_points, seed)
     base = model.samples(period, tokens) if period else None
     for shard in range(layout.n_shards):
@@ -100,18 +100,18 @@ def write_store(
             index = np.arange(start, stop) % len(base[0])
             points = [b[index] for b in base]
         for k, values in enumerate(points):
-            group[schema.h_name(k)][start:stop] = values
-        group[schema.FEATURES][start:stop] = points[-1][:, 0]
-        group[schema.SAMPLE_ID][start:stop] = np.array([f"s{i}" for i in range(start, stop)])
-        group[schema.LABEL][start:stop] = np.zeros(stop - start, np.int64)
-        schema.mark_shard_complete(group, shard)
-    schema.consolidate(path)
+            store.point(k)[start:stop] = values
+        store.array(rs.FEATURES)[start:stop] = points[-1][:, 0]
+        store.array(rs.SAMPLE_ID)[start:stop] = np.array([f"s{i}" for i in range(start, stop)])
+        store.array(rs.LABEL)[start:stop] = np.zeros(stop - start, np.int64)
+        store.mark_shard_complete(shard)
+    store.consolidate()
     return path
 
 
 def read_rows(store: str | Path, point_idx: int, n_samples: int | None = None) -> np.ndarray:
     """``h_k`` of the first ``n_samples`` (default: all) as rows ``(samples·tokens, channels)``."""
-    array = zarr.open_group(str(store), mode="r", use_consolidated=False)[schema.h_name(point_idx)]
+    array = zarr.open_group(str(store), mode="r", use_consolidated=False)[rs.h_name(point_idx)]
     h = array[: n_samples or array.shape[0]]
     return h.reshape(-1, h.shape[-1])
 

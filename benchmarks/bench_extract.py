@@ -26,7 +26,7 @@ from benchmarks._extract_profile import Breakdown, profile
 from benchmarks._extract_timing import Timings, measure
 from benchmarks._plots import bar_plot
 from benchmarks._results import Context, Figures, Section, at_most, fmt, table
-from rba_store import schema
+from rba_store import store as rs
 from rba_store.extract import ExtractOptions, plan_extraction
 
 TARGET_RATIO = 1.15
@@ -127,7 +127,7 @@ def run(ctx: Context) -> Section:
         done.append((case, timings))
         _add_case_figures(figures, case, timings)
         if keep:  # every codec on this model's activations
-            for codec in schema.CODECS:
+            for codec in rs.CODECS:
                 result = reencode(out, codec, ctx.work / f"codec-{codec}.zarr")
                 codec_runs.append((case.name, result))
                 figures.add(f"codec_ratio_{case.name}_{codec}", result.ratio, "ratio")

@@ -45,16 +45,16 @@ def cupy_fit_child(store: str) -> dict[str, Any]:
     """rba-store's fit with the CuPy backend, after one untimed fit of the first shard."""
     import cupy
 
-    from rba_store import schema
-    from rba_store.selection import SampleSelection
     from rba_store.solve import FitOptions, fit_spans
+    from rba_store.store import Store
+    from rba_store.store.selection import SampleSelection
 
     def options(name: str, selection: SampleSelection) -> FitOptions:
         return FitOptions(
             spans=((0, 1),), selection=selection, backend="cupy", name=name, overwrite=True
         )
 
-    shard = schema.read_layout(schema.open_store(store)).shard_samples
+    shard = Store.open(store).layout.shard_samples
     fit_spans(store, options("gpu-warm-up", SampleSelection(limit=shard)))
     cupy.cuda.Device().synchronize()
     start = time.perf_counter()

@@ -29,8 +29,8 @@ FIXED_MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 def fit_child(store: str, n_samples: int) -> dict[str, Any]:
     """``fit`` of span 0:1 on the first ``n_samples`` samples."""
-    from rba_store.selection import SampleSelection
     from rba_store.solve import FitOptions, fit_spans
+    from rba_store.store.selection import SampleSelection
 
     options = FitOptions(
         spans=((0, 1),),
@@ -46,8 +46,8 @@ def fit_child(store: str, n_samples: int) -> dict[str, Any]:
 
 def stats_child(store: str, n_samples: int) -> dict[str, Any]:
     """All block statistics (with CKA) on the first ``n_samples`` samples (not saved)."""
-    from rba_store.selection import SampleSelection
     from rba_store.stats import compute_block_stats
+    from rba_store.store.selection import SampleSelection
 
     start = time.perf_counter()
     compute_block_stats(store, selection=SampleSelection(limit=n_samples))

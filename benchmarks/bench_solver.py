@@ -57,9 +57,9 @@ def fit_child(store: str, gemm_dtype: str, checkpoint: str | None = None) -> dic
     pools); its time is returned as ``first_call_seconds``. With ``checkpoint``, the timed fit
     saves its partial sums there after every group of shards (``--checkpoint-every 0``).
     """
-    from rba_store import schema
-    from rba_store.selection import SampleSelection
     from rba_store.solve import FitOptions, fit_spans
+    from rba_store.store import Store
+    from rba_store.store.selection import SampleSelection
 
     def options(name: str, selection: SampleSelection) -> FitOptions:
         return FitOptions(
@@ -73,7 +73,7 @@ def fit_child(store: str, gemm_dtype: str, checkpoint: str | None = None) -> dic
             checkpoint_every=0.0,
         )
 
-    shard = schema.read_layout(schema.open_store(store)).shard_samples
+    shard = Store.open(store).layout.shard_samples
     start = time.perf_counter()
     fit_spans(store, options("bench-warm-up", SampleSelection(limit=shard)))
     first_call = time.perf_counter() - start

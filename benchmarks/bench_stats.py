@@ -25,9 +25,9 @@ import numpy as np
 from benchmarks._plots import line_plot
 from benchmarks._results import Context, Figures, Section, at_most, fmt, table
 from benchmarks._synthetic import write_store
-from rba_store import schema
-from rba_store.daskutil import on_shard, shard_ranges
 from rba_store.stats import compute_block_stats
+from rba_store.store import Store
+from rba_store.store.reading import on_shard, shard_ranges
 
 TARGET_RATIO = 1.3
 DIGITS_TRAIN = 1437
@@ -35,8 +35,8 @@ DIGITS_TRAIN = 1437
 
 def make_inputs(path: Path, n_samples: int) -> None:
     """``n_samples`` preprocessed digit inputs (the train split tiled, with a little noise)."""
-    from rba_store.data import DigitsSource, make_preprocess
-    from rba_store.default_model import DATA_CONFIG
+    from rba_store.extract.data import DigitsSource, make_preprocess
+    from rba_store.extract.default_model import DATA_CONFIG
 
     source = DigitsSource("train")
     x = source.load(0, len(source), make_preprocess(dict(DATA_CONFIG))).numpy()
@@ -66,11 +66,12 @@ def _count(*chunks: np.ndarray) -> int:
 
 def read_all(store: Path) -> None:
     """Read and decompress every shard of every h_k with the statistics' task layout."""
-    layout = schema.read_layout(schema.open_store(store))
+    opened = Store.open(store)
+    layout = opened.layout
     points = list(range(len(layout.points)))
     task = dask.delayed(on_shard, pure=True)
     ranges = shard_ranges(layout, np.arange(layout.n_samples))
-    dask.compute(*[task(_count, str(store), points, start, stop) for _, start, stop in ranges])
+    dask.compute(*[task(_count, opened, points, start, stop) for _, start, stop in ranges])
 
 
 def gemm_gflops(rows: int, p: int) -> float:
@@ -92,7 +93,7 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def measure(store: Path, repeats: int) -> dict[str, Any]:
-    layout = schema.read_layout(schema.open_store(store))
+    layout = Store.open(store).layout
     n = layout.n_samples
     raw_mb = layout.sample_bytes() * n / 2**20
     read_s = median_time(lambda: read_all(store), repeats)
@@ -122,7 +123,7 @@ def run(ctx: Context) -> Section:
         try:
             rows.append(measure(store, repeats))
         finally:
-            schema.remove_store(store)
+            Store.remove(store)
     gemm = gemm_gflops(rows[0]["shard_rows"], rows[0]["p"])
     figures.add("gemm_f64_gflops", gemm, "GFLOP/s")
     target = at_most(TARGET_RATIO)

@@ -26,7 +26,7 @@ def tree_digest(path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def default_weights() -> Path:
-    from rba_store.default_model import ensure_default_weights
+    from rba_store.extract.default_model import ensure_default_weights
 
     return ensure_default_weights()
 

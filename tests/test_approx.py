@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from rba_store.approx import LinearReplacement, SpanMap, count_parameters, replace_spans
-from rba_store.capture import ActivationCapture
+from rba_store.approx.recipe import load_approximated
 from rba_store.cli import main
 from rba_store.errors import ModelError, UsageError
-from rba_store.models import build_model
-from rba_store.recipe import load_approximated
+from rba_store.extract.capture import ActivationCapture
+from rba_store.extract.models import build_model
 from rba_store.solve import NormalEquations, solve
 from tests.conftest import tree_digest
 
@@ -114,7 +114,7 @@ def test_apply_round_trip(
     recipe = json.loads((out / "recipe.json").read_text())
     assert [s["span"] for s in recipe["spans"]] == [[5, 6], [8, 10], [1, 2]]
     loaded = load_approximated(out)
-    from rba_store.evaluate import fit_variant
+    from rba_store.approx.evaluate import fit_variant
 
     maps = [*fit_variant(fitted_store, ["5-6-bias", "8-10-bias"]).maps, SpanMap((1, 2))]
     in_memory = replace_spans(build_model().module, maps)
@@ -159,7 +159,7 @@ def test_evaluate_auto_sweep(
 
 
 def test_linear_probe_when_the_head_was_not_trained_for_the_data(tmp_path: Path) -> None:
-    from rba_store.evaluate import evaluate_variants, identity_variant
+    from rba_store.approx.evaluate import evaluate_variants, identity_variant
     from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
 
     store = tmp_path / "vit.zarr"
@@ -209,9 +209,9 @@ def test_moved_weights_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 1
     assert f"the weights file '{weights}'" in err and "--checkpoint PATH" in err
     with pytest.raises(ModelError, match="is missing"):
-        from rba_store.rebuild import rebuild_model
-        from rba_store.schema import open_store, read_description
+        from rba_store.approx.rebuild import rebuild_model
+        from rba_store.store import Store
 
-        rebuild_model(read_description(open_store(store))["model"])
+        rebuild_model(Store.open(store).description["model"])
     code, _, err = run_cli(capsys, "evaluate", store, "--identity", "2:3", "--checkpoint", moved)
     assert code == 0, err

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rba_store.data import DigitsSource, open_source
 from rba_store.errors import DataSourceError
+from rba_store.extract.data import DigitsSource, open_source
 
 
 def identity(image: Image.Image) -> torch.Tensor:

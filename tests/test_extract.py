@@ -11,10 +11,10 @@ import torch
 import xarray as xr
 import zarr
 
-from rba_store import schema
+from rba_store import store as rs
 from rba_store.errors import ConfigMismatchError, ModelError, StoreError
 from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
-from rba_store.models import sha256_file
+from rba_store.extract.models import sha256_file
 from tests.conftest import tree_digest
 
 
@@ -48,8 +48,8 @@ def assert_close(stored: np.ndarray, expected: np.ndarray, rtol: float = 1e-6) -
 
 def read_points(store: Path) -> list[np.ndarray]:
     group = zarr.open_group(str(store), mode="r", use_consolidated=False)
-    layout = schema.read_layout(group)
-    return [group[schema.h_name(k)][:] for k in range(layout.n_blocks + 1)]
+    layout = rs.StoreLayout.from_attrs(group.attrs["rba_store"]["layout"])
+    return [group[rs.h_name(k)][:] for k in range(layout.n_blocks + 1)]
 
 
 def test_default_store_equals_direct_forward(small_store: Path) -> None:
@@ -74,9 +74,13 @@ def test_store_layout_ledger_and_attributes(small_store: Path) -> None:
     group = zarr.open_group(str(small_store), mode="r", use_consolidated=False)
     h3 = group["h3"]
     assert h3.chunks == (10, 17, 64) and h3.shards == (20, 17, 64)
-    assert schema.completed_shards(group).tolist() == [True, True, True]  # 20 + 20 + 10
+    assert np.asarray(group["ledger/shards"][:]).astype(bool).tolist() == [
+        True,
+        True,
+        True,
+    ]  # 20 + 20 + 10
     attrs = group.attrs["rba_store"]
-    assert attrs["format_version"] == schema.FORMAT_VERSION
+    assert attrs["format_version"] == rs.FORMAT_VERSION
     assert attrs["model"]["name"] == "rba_digits_vit"
     weights = attrs["model"]["weights"]
     assert weights["source"] == "embedded" and weights["sha256"] == sha256_file(weights["path"])
@@ -84,7 +88,7 @@ def test_store_layout_ledger_and_attributes(small_store: Path) -> None:
     assert attrs["preprocessing"]["input_size"] == [1, 8, 8]
     assert attrs["tokens"] == "all" and attrs["dtype"] == "float32"
     assert set(attrs["versions"]) >= {"torch", "timm", "zarr", "numcodecs", "rba_store"}
-    assert attrs["fingerprint"] == schema.fingerprint(attrs)
+    assert attrs["fingerprint"] == rs.fingerprint(attrs)
 
 
 def test_store_opens_with_xarray_and_dask(small_store: Path) -> None:
@@ -111,7 +115,7 @@ def test_cls_tokens_and_dtype(tmp_path: Path, small_store: Path, dtype: str) -> 
 
 def test_checkpoint_weights_and_register_tokens(tmp_path: Path) -> None:
     """A state dict the test saves is what gets loaded; prefix (register) tokens are kept."""
-    from rba_store._torchvision_compat import import_timm
+    from rba_store.extract.torchvision_compat import import_timm
 
     timm = import_timm()
     torch.manual_seed(123)
@@ -141,7 +145,7 @@ def test_checkpoint_weights_and_register_tokens(tmp_path: Path) -> None:
 def test_safetensors_checkpoint_is_loaded(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from rba_store.models import build_model
+    from rba_store.extract.models import build_model
 
     reference = build_model("test_vit")
     state = {k: v + 1.0 for k, v in reference.module.state_dict().items()}
@@ -205,7 +209,7 @@ def test_interrupted_extraction_resumes_to_identical_store(
     with pytest.raises(KeyboardInterrupt):
         run_extraction(plan, out)
     group = zarr.open_group(str(out), mode="r", use_consolidated=False)
-    assert schema.completed_shards(group).tolist() == [True, False, False]
+    assert np.asarray(group["ledger/shards"][:]).astype(bool).tolist() == [True, False, False]
 
     result = run_extraction(plan_extraction(options), out)
     assert result.resumed and result.shards_written == 2
@@ -242,10 +246,10 @@ def test_cls_needs_a_class_token() -> None:
 
 
 def test_layout_chunks_are_balanced_and_sized() -> None:
-    point = schema.CapturePoint(197, 768, (197, 768))
-    layout = schema.plan_layout(1000, [point] * 13, 768, "float16")
+    point = rs.CapturePoint(197, 768, (197, 768))
+    layout = rs.plan_layout(1000, [point] * 13, 768, "float16")
     chunk_bytes = layout.chunk_samples * 197 * 768 * 2
     assert 1 * 2**20 <= chunk_bytes <= 16 * 2**20
     assert layout.shard_samples % layout.chunk_samples == 0
-    small = schema.plan_layout(1437, [schema.CapturePoint(17, 64, (17, 64))] * 13, 64)
+    small = rs.plan_layout(1437, [rs.CapturePoint(17, 64, (17, 64))] * 13, 64)
     assert small.chunk_samples == 719  # two balanced chunks rather than 963 + 474

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rba_store import _torchvision_compat
 from rba_store.errors import ModelError
-from rba_store.models import build_model, find_blocks
+from rba_store.extract import torchvision_compat as _torchvision_compat
+from rba_store.extract.models import build_model, find_blocks
 
 
 def test_embedded_default_reaches_95_percent_on_the_digits_test_split(
     default_weights: Path,
 ) -> None:
-    from rba_store.data import DigitsSource, make_preprocess
+    from rba_store.extract.data import DigitsSource, make_preprocess
 
     loaded = build_model()
     assert loaded.name == "rba_digits_vit" and len(loaded.block_names) == 12

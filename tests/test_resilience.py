@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import zarr
 
-from rba_store import schema
+from rba_store import store as rs
 from rba_store.cli import main
 from rba_store.errors import ConfigMismatchError, IncompleteStoreError, UsageError
 from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
 from rba_store.solve import FitOptions, fit_spans
-from rba_store.solve import fit as fit_module
+from rba_store.solve import passes as fit_module
 from rba_store.solve.checkpoint import save_checkpoint
 from rba_store.solve.fit import load_fit
 
@@ -40,9 +40,9 @@ def cli_process(*args: object) -> subprocess.Popen[str]:
 
 def arrays(store: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(store), mode="r", use_consolidated=False)
-    layout = schema.read_layout(group)
-    names = [schema.h_name(k) for k in range(layout.n_blocks + 1)]
-    names += [schema.FEATURES, schema.LABEL, schema.SAMPLE_ID, schema.LEDGER_PATH]
+    layout = rs.StoreLayout.from_attrs(group.attrs["rba_store"]["layout"])
+    names = [rs.h_name(k) for k in range(layout.n_blocks + 1)]
+    names += [rs.FEATURES, rs.LABEL, rs.SAMPLE_ID, rs.LEDGER_PATH]
     return {name: group[name][:] for name in names}
 
 
@@ -100,13 +100,12 @@ def test_a_live_claim_is_refused_and_a_stale_one_taken_over(
 
 _CLAIM_AT = """
 import sys, time
-import zarr
-from rba_store import schema
+from rba_store import store as rs
 from rba_store.errors import ConfigMismatchError
-group = zarr.open_group(sys.argv[1], mode="r+", use_consolidated=False)
+store = rs.Store.open(sys.argv[1], mode="r+")
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 try:
-    schema.claim_worker(group, 0, 2)
+    store.claim_worker(0, 2)
 except ConfigMismatchError:
     print("refused")
 else:
@@ -140,10 +139,10 @@ def test_a_claim_whose_owner_died_before_recording_itself_is_taken_over(
     store = tmp_path / "crashed-claim.zarr"
     shutil.copytree(small_store, store)
     (store / "claims" / "worker-0-of-2").mkdir()  # the folder, no metadata: a crash in between
-    group = zarr.open_group(str(store), mode="r+", use_consolidated=False)
-    path = schema.claim_worker(group, 0, 2)
-    assert dict(group[path].attrs)["pid"] == os.getpid()
-    schema.release_claim(group, path)
+    opened = rs.Store.open(store, mode="r+")
+    path = opened.claim_worker(0, 2)
+    assert dict(opened.group[path].attrs)["pid"] == os.getpid()
+    opened.release_claim(path)
     assert not (store / "claims" / "worker-0-of-2").exists()
 
 
@@ -173,7 +172,7 @@ def wait_for_shards(process: subprocess.Popen[str], out: Path, n: int) -> None:
     """Return once ``out`` has ``n`` complete shards (the process still running)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if schema.is_store(out) and schema.completed_shards(schema.open_store(out)).sum() >= n:
+        if rs.Store.exists(out) and rs.Store.open(out).completed_shards().sum() >= n:
             return
         time.sleep(0.02)
     raise AssertionError(f"the extraction ended or stalled before {n} shards were complete")
@@ -217,16 +216,16 @@ def test_ctrl_c_stops_cleanly_keeps_a_true_ledger_and_says_how_to_resume(
         lines[0],
     ), lines[0]
     kept = int(re.search(r"(\d+)/15", lines[0]).group(1))  # type: ignore[union-attr]
-    group = schema.open_store(out)
-    complete = schema.completed_shards(group)
+    group = rs.Store.open(out).group
+    complete = np.asarray(group["ledger/shards"][:]).astype(bool)
     assert 2 <= kept == complete.sum() < 15
     assert not list(out.parent.glob(".*creating*")) and not list((out / "claims").glob("*/"))
     reference = arrays(reference_store)
-    layout = schema.read_layout(group)
+    layout = rs.StoreLayout.from_attrs(group.attrs["rba_store"]["layout"])
     for shard in np.flatnonzero(complete):  # every shard the ledger calls complete is whole
         start, stop = layout.shard_rows(int(shard))
         for k in (0, layout.n_blocks // 2, layout.n_blocks):
-            name = schema.h_name(k)
+            name = rs.h_name(k)
             np.testing.assert_array_equal(group[name][start:stop], reference[name][start:stop])
     assert main(["extract", "--out", str(out), *KILL_OPTIONS]) == 0
     assert_same_store(out, reference_store)
@@ -333,7 +332,7 @@ def test_a_checkpoint_of_another_fit_is_refused(
 
 _SLOW_CHECKPOINTS = """
 import time
-import rba_store.solve.fit as fit
+import rba_store.solve.passes as fit
 save = fit.save_checkpoint
 def save_then_wait(*args):
     save(*args)

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from rba_store.cli import main
 from rba_store.errors import NonFiniteError, UsageError
-from rba_store.selection import SampleSelection
 from rba_store.solve import FitOptions, NormalEquations, export_safetensors, fit_spans, solve
 from rba_store.solve._backend import gpu_available, to_numpy
+from rba_store.store.selection import SampleSelection
 from tests.conftest import tree_digest
 
 

@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from rba_store import schema
+from rba_store import store as rs
 from rba_store.cli import main
 from rba_store.errors import IncompleteStoreError, UsageError
 from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
@@ -26,8 +26,8 @@ def stored_points(
     store: Path, idx: np.ndarray | None = None, cls: bool = False
 ) -> list[np.ndarray]:
     group = zarr.open_group(str(store), mode="r", use_consolidated=False)
-    n_points = schema.read_layout(group).n_blocks + 1
-    points = [group[schema.h_name(k)][:].astype(np.float64) for k in range(n_points)]
+    n_points = rs.StoreLayout.from_attrs(group.attrs["rba_store"]["layout"]).n_blocks + 1
+    points = [group[rs.h_name(k)][:].astype(np.float64) for k in range(n_points)]
     if idx is not None:
         points = [p[idx] for p in points]
     return [p[:, :1] for p in points] if cls else points

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rba_store import schema
 from rba_store.errors import UsageError
-from rba_store.selection import SampleSelection
 from rba_store.stats.reduce import compute_block_stats
 from rba_store.stats.result import BlockStats
+from rba_store.store import STATS, SampleSelection, Store, normalize
 
 __all__ = ["BlockStats", "SampleSelection", "compute_block_stats", "default_name", "run_stats"]
 
@@ -25,7 +24,7 @@ def default_name(tokens: str, selection: SampleSelection, cka: bool = True) -> s
 
 
 def run_stats(
-    store: str | Path,
+    store: Store | str | Path,
     *,
     name: str | None = None,
     tokens: str = "all",
@@ -39,11 +38,10 @@ def run_stats(
     """Compute (or reuse) the statistics saved as ``stats/<name>``. Returns (stats, reused)."""
     selection = selection or SampleSelection()
     name = name or default_name(tokens, selection, cka)
-    path = schema.analysis_path(schema.STATS_GROUP, name)
-    fingerprint = schema.read_description(schema.open_store(store))["fingerprint"]
-    saved = schema.read_analysis(store, path)
+    store = Store.coerce(store)
+    saved = store.read_analysis(STATS, name)
     wanted = {
-        "store_fingerprint": fingerprint,
+        "store_fingerprint": store.fingerprint,
         "tokens": tokens,
         "selection": selection.describe(),
         "allow_incomplete": allow_incomplete,
@@ -51,7 +49,7 @@ def run_stats(
     }
     if saved is not None and not overwrite:
         stats = BlockStats.from_dataset(saved)
-        if {k: stats.attrs.get(k) for k in wanted} == schema.normalize(wanted):
+        if {k: stats.attrs.get(k) for k in wanted} == normalize(wanted):
             return stats, True
         raise UsageError(
             f"statistics {name!r} already exist in {str(store)!r} with other options; "
@@ -67,5 +65,5 @@ def run_stats(
         cka=cka,
     )
     stats.attrs["name"] = name
-    schema.write_analysis(store, path, stats.to_dataset())
+    store.write_analysis(STATS, name, stats.to_dataset())
     return stats, False

@@ -15,11 +15,12 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
-from rba_store import schema
-from rba_store.daskutil import compute, on_shard, shard_ranges, tree_reduce
-from rba_store.selection import SampleSelection, check_tokens, usable_samples
+from rba_store.dask_compute import compute, tree_reduce
 from rba_store.stats.moments import BlockPartials, chunk_partials
 from rba_store.stats.result import BlockStats
+from rba_store.store import SampleSelection, Store
+from rba_store.store.reading import on_shard, shard_ranges
+from rba_store.store.selection import check_tokens, usable_samples
 
 
 def _shard_partials(
@@ -36,24 +37,24 @@ def _merge(a: BlockPartials, b: BlockPartials) -> BlockPartials:
 
 
 def stats_graph(
-    store: str | Path,
-    layout: schema.StoreLayout,
+    store: Store,
     indices: np.ndarray,
     tokens: str = "all",
     cka: bool = True,
 ) -> tuple[Delayed, int]:
     """The lazy reduction and its number of shard tasks (one per shard with selected samples)."""
+    layout = store.layout
     points = list(range(len(layout.points)))
     task = dask.delayed(on_shard, pure=True)
     parts = [
-        task(_shard_partials, str(store), points, start, stop, local, tokens == "cls", cka)
+        task(_shard_partials, store, points, start, stop, local, tokens == "cls", cka)
         for local, start, stop in shard_ranges(layout, indices)
     ]
     return tree_reduce(parts, _merge), len(parts)
 
 
 def compute_block_stats(
-    store: str | Path,
+    store: Store | str | Path,
     *,
     tokens: str = "all",
     selection: SampleSelection | None = None,
@@ -68,18 +69,16 @@ def compute_block_stats(
     cost when p = (L+1)*channels is large); the CKA matrix is then NaN.
     """
     selection = selection or SampleSelection()
-    group = schema.open_store(store)
-    description = schema.read_description(group)
-    layout = schema.read_layout(group)
-    check_tokens(description, tokens, str(store))
-    available = usable_samples(group, layout, str(store), allow_incomplete)
-    indices = selection.indices(available, str(store))
-    graph, n_tasks = stats_graph(store, layout, indices, tokens, cka)
+    store = Store.coerce(store)
+    check_tokens(store, tokens)
+    available = usable_samples(store, allow_incomplete)
+    indices = selection.indices(available, store)
+    graph, n_tasks = stats_graph(store, indices, tokens, cka)
     partials = compute(graph, scheduler, scheduler_file, n_tasks)
-    widths = [p.n_channels for p in layout.points]
+    widths = [p.n_channels for p in store.layout.points]
     attrs = {
         "kind": "block_stats",
-        "store_fingerprint": description["fingerprint"],
+        "store_fingerprint": store.fingerprint,
         "tokens": tokens,
         "selection": selection.describe(),
         "allow_incomplete": allow_incomplete,

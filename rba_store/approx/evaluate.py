@@ -1,0 +1,169 @@
+"""Evaluate the original model and approximated variants on the test split of a store's data.
+
+The classifier is the model's own head when the model was trained for this data (the embedded
+default), otherwise a linear probe (ridge regression on one-hot labels, with the project's own
+solver) fitted on the stored ``features`` of the fit split and applied to every variant's features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rba_store.approx.rebuild import rebuild_model, test_source
+from rba_store.approx.surgery import (
+    LinearReplacement,
+    SpanMap,
+    count_flops,
+    count_parameters,
+    images_per_second,
+    replace_spans,
+)
+from rba_store.errors import UsageError
+from rba_store.extract.data import make_preprocess
+from rba_store.solve import NormalEquations, load_fit, solve
+from rba_store.store import FEATURES, LABEL, Store
+
+Span = tuple[int, int]
+PROBE_RIDGE = 1e-3
+
+
+@dataclass
+class Variant:
+    """The original model (no maps), or one with spans replaced by fits or by the identity."""
+
+    name: str
+    maps: list[SpanMap] = field(default_factory=list)
+
+    @property
+    def spans(self) -> list[list[int]]:
+        return [list(m.span) for m in sorted(self.maps, key=lambda m: m.span)]
+
+
+def fit_variant(store: Store | str | Path, names: list[str]) -> Variant:
+    """A variant made of saved fits."""
+    store = Store.coerce(store)
+    maps = []
+    for name in names:
+        ds = load_fit(store, name)
+        a, b = ds.attrs["span"]
+        maps.append(SpanMap((int(a), int(b)), ds["T"].values, ds["bias"].values))
+    return Variant("+".join(names), maps)
+
+
+def identity_variant(spans: list[Span]) -> Variant:
+    label = "+".join(f"{a}:{b}" for a, b in sorted(spans))
+    return Variant(f"identity {label}", [SpanMap(s) for s in spans])
+
+
+@dataclass
+class Classifier:
+    kind: str  # "head" or "probe"
+    weight: np.ndarray | None = None  # (features, classes)
+    bias: np.ndarray | None = None
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            if self.kind == "head":
+                return model(x).argmax(1).numpy()
+            features = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+        return np.argmax(features @ self.weight + self.bias, axis=1)
+
+
+def fit_probe(store: Store) -> Classifier:
+    """Ridge regression from the stored features to one-hot labels (labelled samples only)."""
+    labels = store.array(LABEL)[:]
+    features = store.array(FEATURES)[:].astype(np.float64)
+    known = labels >= 0
+    if known.sum() < 2:
+        raise UsageError(
+            f"store {str(store)!r} has no labels to fit a linear probe on; extract labelled data"
+        )
+    n_classes = int(labels[known].max()) + 1
+    onehot = np.eye(n_classes)[labels[known]]
+    solution = solve(
+        NormalEquations.from_chunk(features[known], onehot), bias=True, ridge=PROBE_RIDGE
+    )
+    return Classifier("probe", solution.t, solution.bias)
+
+
+def evaluate_variants(
+    store: Store | str | Path,
+    variants: list[Variant],
+    *,
+    checkpoint: str | Path | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Accuracy, agreement with the original, parameters, FLOPs and images/s of each variant."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} is invalid; pass a positive number")
+    store = Store.coerce(store)
+    description = store.description
+    loaded = rebuild_model(description["model"], checkpoint)
+    source = test_source(description["data"])
+    preprocess = make_preprocess(loaded.data_config)
+    own_head = description["model"]["weights"]["source"] == "embedded"
+    classifier = Classifier("head") if own_head else fit_probe(store)
+    models = [("original", loaded.module, [])] + [
+        (v.name, replace_spans(loaded.module, v.maps), v.spans) for v in variants
+    ]
+    predictions: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in models}
+    first_batch = None
+    for start in range(0, len(source), batch_size):
+        x = source.load(start, min(start + batch_size, len(source)), preprocess)
+        first_batch = x if first_batch is None else first_batch
+        for name, model, _ in models:
+            predictions[name].append(classifier.predict(model, x))
+    labels = source.labels
+    original = np.concatenate(predictions["original"])
+    input_size = tuple(first_batch.shape[1:])
+    results = []
+    for name, model, spans in models:
+        predicted = np.concatenate(predictions[name])
+        known = labels >= 0
+        results.append(
+            {
+                "name": name,
+                "spans": spans,
+                "blocks": len(model.blocks) - sum(1 for m in model.blocks if not _is_block(m)),
+                "accuracy": float((predicted[known] == labels[known]).mean())
+                if known.any()
+                else None,
+                "params": count_parameters(model),
+                "flops": count_flops(model, input_size),
+                "images_per_s": images_per_second(model, first_batch),
+                "agreement": float((predicted == original).mean()),
+            }
+        )
+    return {
+        "classifier": "model head"
+        if classifier.kind == "head"
+        else f"linear probe (ridge {PROBE_RIDGE} on stored features, one-hot labels)",
+        "test_samples": len(source),
+        "variants": results,
+    }
+
+
+def _is_block(module: nn.Module) -> bool:
+    return not isinstance(module, LinearReplacement | nn.Identity)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"classifier: {report['classifier']}; {report['test_samples']} test samples",
+        f"{'variant':<22} {'spans':<22} {'blocks':>6} {'accuracy':>9} {'agree':>7} "
+        f"{'params':>10} {'MFLOPs':>9} {'img/s':>9}",
+    ]
+    for v in report["variants"]:
+        spans = ",".join(f"{a}:{b}" for a, b in v["spans"]) or "-"
+        acc = "-" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}%"
+        lines.append(
+            f"{v['name']:<22} {spans:<22} {v['blocks']:>6} {acc:>9} {100 * v['agreement']:>6.1f}% "
+            f"{v['params']:>10,} {v['flops'] / 1e6:>9.2f} {v['images_per_s']:>9,.0f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""Approximated models on disk: weights as safetensors plus a small JSON recipe, and loading back.
+
+``MODEL_PATH/recipe.json`` names the base model (as recorded in the store: timm name, weights
+source, path and sha256) and the spans with the fits that replace them; ``MODEL_PATH/
+model.safetensors`` holds the approximated model's whole state dict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from rba_store.approx.rebuild import rebuild_model
+from rba_store.approx.surgery import SpanMap, replace_spans
+from rba_store.errors import StoreError
+from rba_store.store import Store, normalize
+
+RECIPE_VERSION = 1
+
+
+def write_approximated(
+    store: Store | str | Path, maps: list[SpanMap], fit_names: list[str | None], out: str | Path
+) -> Path:
+    """Build the approximated model of a store's model and write it to the folder ``out``."""
+    from safetensors.torch import save_file
+
+    store = Store.coerce(store)
+    description = store.description
+    loaded = rebuild_model(description["model"])
+    model = replace_spans(loaded.module, maps)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    recipe = {
+        "format_version": RECIPE_VERSION,
+        "base_model": description["model"],
+        "data_config": loaded.data_config,
+        "store": str(store.path.resolve()),
+        "store_fingerprint": description["fingerprint"],
+        "spans": [
+            {"span": list(m.span), "fit": name, "kind": "identity" if m.t is None else "linear"}
+            for m, name in zip(maps, fit_names, strict=True)
+        ],
+    }
+    (out / "recipe.json").write_text(json.dumps(normalize(recipe), indent=2))
+    return out
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    recipe_path = Path(path) / "recipe.json"
+    if not recipe_path.is_file():
+        raise StoreError(
+            f"{str(path)!r} holds no recipe.json; pass a folder written by 'rba-store apply'"
+        )
+    recipe = json.loads(recipe_path.read_text())
+    if recipe.get("format_version", 0) > RECIPE_VERSION:
+        raise StoreError(f"{str(path)!r} was written by a newer rba-store; upgrade rba-store")
+    return recipe
+
+
+def load_approximated(path: str | Path, checkpoint: str | Path | None = None) -> nn.Module:
+    """The approximated model written by :func:`write_approximated`, ready to run (eval mode)."""
+    from safetensors.torch import load_file
+
+    recipe = read_recipe(path)
+    loaded = rebuild_model(recipe["base_model"], checkpoint)
+    width = int(loaded.module.embed_dim)
+    maps = [
+        SpanMap(tuple(s["span"]))  # type: ignore[arg-type]
+        if s["kind"] == "identity"
+        else SpanMap(tuple(s["span"]), np.zeros((width, width)), np.zeros(width))  # type: ignore[arg-type]
+        for s in recipe["spans"]
+    ]
+    model = replace_spans(loaded.module, maps)
+    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
+    return model.eval()

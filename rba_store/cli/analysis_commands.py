@@ -1,0 +1,239 @@
+"""Commands that analyse a store: ``stats`` (block statistics) and ``fit`` (the maps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rba_store.cli.app import (
+    AllowIncompleteOpt,
+    Backend,
+    Gemm,
+    JsonOpt,
+    LimitOpt,
+    SampleOpt,
+    SchedulerFileOpt,
+    SchedulerOpt,
+    StoreArg,
+    Tokens,
+    app,
+    check_folder,
+)
+from rba_store.cli.progress import dask_progress
+from rba_store.errors import Interrupted, UsageError
+
+
+@app.command()
+def stats(
+    store: StoreArg,
+    tokens: Annotated[Tokens, typer.Option(help="Token vectors: all (flattened) or cls.")] = (
+        Tokens.all
+    ),
+    limit: LimitOpt = None,
+    sample: SampleOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
+    name: Annotated[
+        str | None, typer.Option(help="Save as stats/NAME [default: from the options].")
+    ] = None,
+    as_json: JsonOpt = False,
+    plots: Annotated[Path | None, typer.Option(help="Write PNG figures into this folder.")] = None,
+    scheduler: SchedulerOpt = None,
+    scheduler_file: SchedulerFileOpt = None,
+    allow_incomplete: AllowIncompleteOpt = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Recompute and replace saved statistics of the same name.")
+    ] = False,
+    cka: Annotated[
+        bool, typer.Option(help="Compute the CKA matrix (the costly part for wide models).")
+    ] = True,
+    max_span: Annotated[int, typer.Option(help="Longest span (blocks) to rank.")] = 4,
+    top: Annotated[int, typer.Option(help="Number of candidate spans to show.")] = 10,
+) -> None:
+    """Block Redundancy, relative change, cosine and CKA of every block; candidate spans."""
+    from rba_store.stats import SampleSelection, run_stats
+    from rba_store.store import Store
+
+    if max_span < 1 or top < 1:
+        raise UsageError(f"--max-span {max_span} and --top {top} must be positive numbers")
+    check_folder(plots, "--plots")
+    result, reused = run_stats(
+        Store.open(store),
+        name=name,
+        tokens=tokens.value,
+        selection=SampleSelection(limit=limit, sample=sample, seed=seed),
+        allow_incomplete=allow_incomplete,
+        scheduler=scheduler,
+        scheduler_file=str(scheduler_file) if scheduler_file else None,
+        overwrite=overwrite,
+        cka=cka,
+    )
+    written = []
+    if plots is not None:
+        from rba_store.stats.plots import write_plots
+
+        written = write_plots(result, plots, title=Path(store).name)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(max_span, top), indent=2))
+        return
+    saved = "reused the saved" if reused else "saved as"
+    typer.echo(
+        f"{store}: {result.n_blocks} blocks, {result.n_samples} samples, "
+        f"{result.n_rows} token vectors (tokens={tokens.value}); {saved} "
+        f"stats/{result.attrs.get('name')}\n"
+    )
+    typer.echo(result.format_table(max_span, top))
+    for path in written:
+        typer.echo(f"plot: {path}")
+
+
+def _auto_spans(store: Any, count: int, tokens: str, stats_name: str | None) -> list[tuple]:
+    from rba_store.stats import BlockStats
+    from rba_store.store import STATS
+
+    name = stats_name or f"tokens-{tokens}"
+    saved = store.read_analysis(STATS, name)
+    if saved is None:
+        raise UsageError(
+            f"--auto needs saved statistics, and {str(store)!r} has no stats/{name}; run "
+            f"'rba-store stats {store} --tokens {tokens}' first (or pass --stats NAME)"
+        )
+    candidates = BlockStats.from_dataset(saved).candidates(top=count)
+    return [tuple(c["span"]) for c in candidates]
+
+
+def _format_fit(fit: Any) -> str:
+    d = fit.diagnostics
+    a, b = fit.span
+    blocks = f"block {b}" if b - a == 1 else f"blocks {a + 1}-{b}"
+    lines = [
+        f"fit {fit.name}: span {a}:{b} ({blocks} replaced), {d['rows']:,} rows, "
+        f"{d['channels_in']}->{d['channels_out']} channels, {d['method']}, "
+        f"condition number {float(d['condition_number']):.3g}, rank {d['rank']}",
+        f"  train    relative MSE {d['train']['relative_mse']:.4g}",
+    ]
+    held = d.get("heldout")
+    if held:
+        ident = held["identity"]
+        lines.append(
+            f"  held-out relative MSE {held['relative_mse']:.4g}  R² {held['r2']:.4f}  "
+            f"cosine {held['cosine']:.4f}   ({held['rows']:,} rows)"
+        )
+        lines.append(
+            f"  identity relative MSE {ident['relative_mse']:.4g}  R² {ident['r2']:.4f}  "
+            f"cosine {ident['cosine']:.4f}   (T = I: plain block dropping)"
+        )
+    else:
+        lines.append("  held-out: none (pass --holdout FRACTION or --eval-store STORE)")
+    lines += [f"  note: {note}" for note in d["notes"]]
+    lines.append(f"  saved as fits/{fit.name}")
+    return "\n".join(lines)
+
+
+@app.command()
+def fit(
+    store: StoreArg,
+    span: Annotated[
+        list[str] | None, typer.Option(help="a:b fits h_a -> h_b (replaces blocks a+1..b).")
+    ] = None,
+    auto: Annotated[
+        int | None, typer.Option(help="Fit the best K candidate spans of the saved stats.")
+    ] = None,
+    stats_name: Annotated[
+        str | None, typer.Option("--stats", help="Saved stats for --auto [tokens-<tokens>].")
+    ] = None,
+    tokens: Annotated[Tokens, typer.Option(help="Rows: every token vector, or cls only.")] = (
+        Tokens.all
+    ),
+    limit: LimitOpt = None,
+    sample: SampleOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample and --holdout.")] = 0,
+    holdout: Annotated[
+        float | None, typer.Option(help="Hold out this fraction of samples for diagnostics.")
+    ] = None,
+    eval_store: Annotated[
+        Path | None, typer.Option(help="A second store (same model) for held-out diagnostics.")
+    ] = None,
+    bias: Annotated[bool, typer.Option(help="Fit an affine map (with a bias).")] = False,
+    ridge: Annotated[float, typer.Option(help="Ridge λ, scaled by trace(XᵀX)/D.")] = 0.0,
+    backend: Annotated[Backend, typer.Option(help="auto: CuPy when a GPU is visible.")] = (
+        Backend.auto
+    ),
+    gemm: Annotated[
+        Gemm, typer.Option(help="Precision of the per-chunk products (float64 accumulation).")
+    ] = Gemm.float64,
+    scheduler: SchedulerOpt = None,
+    scheduler_file: SchedulerFileOpt = None,
+    name: Annotated[str | None, typer.Option(help="Save as fits/NAME [default: a-b...].")] = None,
+    export: Annotated[
+        Path | None, typer.Option(help="Also write each fit as DIR/<name>.safetensors.")
+    ] = None,
+    allow_incomplete: AllowIncompleteOpt = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace fits of the same name.")] = False,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Save the partial sums to this file as the fit goes; re-run the same command "
+            "to resume after a kill (deleted when the fit is saved)."
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        float, typer.Option(help="Seconds between checkpoints (0: after every group of shards).")
+    ] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit the linear maps T (h_a -> h_b) that replace spans of blocks, in one pass."""
+    from rba_store.solve import FitOptions, export_safetensors, fit_spans
+    from rba_store.solve.fit import parse_span
+    from rba_store.store import Store
+    from rba_store.store.selection import SampleSelection
+
+    spans = [parse_span(s) for s in span or []]
+    if auto is not None and auto < 1:
+        raise UsageError(f"--auto {auto} is invalid; pass a positive number of spans")
+    opened = Store.open(store, "r+")
+    if auto is not None:
+        spans += _auto_spans(opened, auto, tokens.value, stats_name)
+    options = FitOptions(
+        spans=tuple(spans),
+        tokens=tokens.value,
+        selection=SampleSelection(limit=limit, sample=sample, seed=seed),
+        holdout=holdout,
+        holdout_seed=seed,
+        eval_store=str(eval_store) if eval_store else None,
+        bias=bias,
+        ridge=ridge,
+        backend=backend.value,
+        gemm_dtype=gemm.value,
+        allow_incomplete=allow_incomplete,
+        scheduler=scheduler,
+        scheduler_file=str(scheduler_file) if scheduler_file else None,
+        name=name,
+        overwrite=overwrite,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint_every=checkpoint_every,
+    )
+    try:
+        with dask_progress():
+            fits = fit_spans(opened, options)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted: the partial sums are saved in {str(checkpoint)!r}; re-run the same "
+            "command to resume"
+            if checkpoint
+            else "interrupted: nothing was saved; re-run the command (with --checkpoint FILE a "
+            "long fit can resume where it stopped)"
+        ) from None
+    exported = (
+        [export_safetensors(opened, f.name, export / f"{f.name}.safetensors") for f in fits]
+        if export
+        else []
+    )
+    if as_json:
+        typer.echo(json.dumps([f.to_json() for f in fits], indent=2))
+        return
+    typer.echo("\n".join(_format_fit(f) for f in fits))
+    for path in exported:
+        typer.echo(f"exported {path}")

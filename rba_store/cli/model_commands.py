@@ -1,0 +1,140 @@
+"""Commands that make and measure the smaller model: ``apply`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rba_store.cli.app import JsonOpt, StoreArg, app, check_folder
+from rba_store.errors import UsageError
+
+
+def _span_maps(store: Any, fits: list[str], identities: list[str]) -> tuple[list, list]:
+    """SpanMaps (and their fit names, None for the identity) from --fit and --identity."""
+    from rba_store.approx import SpanMap
+    from rba_store.approx.evaluate import fit_variant
+    from rba_store.solve.fit import parse_span
+
+    maps = list(fit_variant(store, fits).maps) if fits else []
+    names: list[str | None] = list(fits)
+    for text in identities:
+        maps.append(SpanMap(parse_span(text)))
+        names.append(None)
+    return maps, names
+
+
+@app.command()
+def apply(
+    store: Annotated[Path, typer.Argument(help="A store with fits (rba-store fit).")],
+    out: Annotated[Path, typer.Option(help="Folder for the approximated model.")],
+    fit_names: Annotated[
+        list[str] | None, typer.Option("--fit", help="A saved fit to apply (repeatable).")
+    ] = None,
+    identity: Annotated[
+        list[str] | None, typer.Option(help="a:b: drop these blocks (identity, repeatable).")
+    ] = None,
+) -> None:
+    """Write the model with spans replaced by fitted maps: safetensors weights plus a recipe."""
+    from rba_store.approx import count_parameters
+    from rba_store.approx.recipe import load_approximated, write_approximated
+    from rba_store.store import Store
+
+    check_folder(out, "--out")
+    opened = Store.open(store)
+    maps, names = _span_maps(opened, fit_names or [], identity or [])
+    if not maps:
+        raise UsageError(
+            "nothing to apply; pass --fit NAME (see 'rba-store info') or --identity a:b"
+        )
+    write_approximated(opened, maps, names, out)
+    model = load_approximated(out)
+    spans = ", ".join(f"{m.span[0]}:{m.span[1]}" for m in maps)
+    typer.echo(
+        f"wrote {out}/model.safetensors and {out}/recipe.json: spans {spans} replaced, "
+        f"{count_parameters(model):,} parameters, {len(model.blocks)} modules in .blocks\n"
+        "load it with: from rba_store.approx.recipe import load_approximated; "
+        f"model = load_approximated({str(out)!r})"
+    )
+
+
+@app.command()
+def evaluate(
+    store: StoreArg,
+    fit_names: Annotated[
+        list[str] | None, typer.Option("--fit", help="Evaluate this saved fit (repeatable).")
+    ] = None,
+    identity: Annotated[
+        list[str] | None, typer.Option(help="a:b: evaluate dropping these blocks (repeatable).")
+    ] = None,
+    auto: Annotated[
+        bool, typer.Option(help="Sweep: remove 1, 2, 3 ... blocks ranked by the statistics.")
+    ] = False,
+    max_blocks: Annotated[
+        int | None, typer.Option(help="Most blocks --auto removes [all but one].")
+    ] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write the --auto plot here.")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="The model's weights file, if it has moved.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Test images per batch.")] = 256,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy, parameters, FLOPs and speed of the original and approximated models."""
+    from rba_store.approx.evaluate import (
+        Variant,
+        evaluate_variants,
+        fit_variant,
+        format_report,
+        identity_variant,
+    )
+    from rba_store.approx.sweep import sweep_variants, write_sweep_plot
+    from rba_store.solve.fit import parse_span
+    from rba_store.store import Store
+
+    check_folder(plots, "--plots")
+    opened = Store.open(store)
+
+    variants: list[Variant] = []
+    for name in fit_names or []:
+        variants.append(fit_variant(opened, [name]))
+    for text in identity or []:
+        variants.append(identity_variant([parse_span(text)]))
+    if auto:
+        for _, linear, ident in sweep_variants(opened, max_blocks):
+            variants += [linear, ident]
+    if not variants:
+        raise UsageError(
+            f"nothing to evaluate in {str(store)!r}: pass --fit NAME, --identity a:b or --auto "
+            "(fit maps first with 'rba-store fit')"
+        )
+    report = evaluate_variants(opened, variants, checkpoint=checkpoint, batch_size=batch_size)
+    plot = None
+    if auto:
+        plot = write_sweep_plot(report, (plots or Path("runs")) / "sweep.png", title=str(store))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(format_report(report))
+    if auto:
+        typer.echo("\n" + _sweep_summary(report))
+    if plot:
+        typer.echo(f"plot: {plot}")
+
+
+def _sweep_summary(report: dict[str, Any]) -> str:
+    rows = {v["name"]: v for v in report["variants"]}
+    base = rows["original"]["accuracy"]
+
+    def most(kind: str) -> int:
+        ks = [int(n.split("-")[-1]) for n in rows if n.startswith(f"{kind} -")]
+        ok = [k for k in sorted(ks) if rows[f"{kind} -{k}"]["accuracy"] >= base - 0.01]
+        return max(ok, default=0)
+
+    return (
+        f"within 1 point of the original accuracy ({100 * base:.2f}%): "
+        f"{most('linear')} blocks can be replaced by linear maps, "
+        f"{most('identity')} dropped (identity)"
+    )

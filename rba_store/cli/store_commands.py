@@ -1,0 +1,211 @@
+"""Commands that write or describe a store: ``extract``, ``info``, ``validate``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rba_store.cli.app import (
+    EXIT_ERROR,
+    Codec,
+    DType,
+    JsonOpt,
+    StoreArg,
+    Tokens,
+    app,
+    mb,
+)
+from rba_store.cli.progress import ProgressBar
+from rba_store.errors import Interrupted
+
+
+def _default_out(model: str | None, data: str, split: str | None) -> Path:
+    from rba_store.extract.default_model import MODEL_NAME
+
+    stem = "_".join(x for x in (model or MODEL_NAME, Path(data).stem, split) if x)
+    return Path("runs") / (re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) + ".zarr")
+
+
+@app.command()
+def extract(
+    model: Annotated[
+        str | None, typer.Option(help="timm model name; the embedded default when omitted.")
+    ] = None,
+    data: Annotated[
+        str, typer.Option(help="'digits', an image folder, or a .npz file with an array 'x'.")
+    ] = "digits",
+    out: Annotated[
+        Path | None, typer.Option(help="Store directory [default: runs/<model>_<data>.zarr].")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Local weights: a state dict (.pth) or .safetensors.")
+    ] = None,
+    pretrained: Annotated[
+        bool, typer.Option(help="Load timm's pretrained weights (hub or local cache).")
+    ] = False,
+    split: Annotated[
+        str | None, typer.Option(help="Data split: train/test (digits), a sub-folder name.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
+    tokens: Annotated[Tokens, typer.Option(help="Store all tokens, or the class token only.")] = (
+        Tokens.all
+    ),
+    dtype: Annotated[DType, typer.Option(help="Stored dtype.")] = DType.float32,
+    codec: Annotated[Codec, typer.Option(help="Compression codec (lossless).")] = Codec.blosc_zstd,
+    clevel: Annotated[int, typer.Option(help="Compression level.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")] = "cpu",
+    chunk_mb: Annotated[float, typer.Option(help="Target chunk size in MB.")] = 4.0,
+    shard_mb: Annotated[float, typer.Option(help="Target shard (write unit) size in MB.")] = 16.0,
+    chunk_samples: Annotated[
+        int | None, typer.Option(help="Samples per chunk (overrides --chunk-mb).")
+    ] = None,
+    shard_samples: Annotated[
+        int | None, typer.Option(help="Samples per shard, a multiple of the chunk.")
+    ] = None,
+    num_workers: Annotated[
+        int, typer.Option(help="Processes filling this store together (one per GPU or node).")
+    ] = 1,
+    worker_index: Annotated[
+        int, typer.Option(help="Which of --num-workers this process is (0-based).")
+    ] = 0,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the store's size and memory per batch; write nothing.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing store made with another configuration.")
+    ] = False,
+) -> None:
+    """Run a model over a data set and store the residual stream after every block."""
+    from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
+    from rba_store.store import Store
+
+    options = ExtractOptions(
+        model=model,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        data=data,
+        split=split,
+        limit=limit,
+        tokens=tokens.value,
+        dtype=dtype.value,
+        codec=codec.value,
+        clevel=clevel,
+        batch_size=batch_size,
+        device=device,
+        chunk_mb=chunk_mb,
+        shard_mb=shard_mb,
+        chunk_samples=chunk_samples,
+        shard_samples=shard_samples,
+        num_workers=num_workers,
+        worker_index=worker_index,
+    )
+    out = out or _default_out(model, data, split)
+    plan = plan_extraction(options)
+    layout = plan.layout
+    point = layout.points[0]
+    shape = f"{layout.n_samples} x {point.n_tokens} tokens x {point.n_channels} channels"
+    if dry_run:
+        sizes = plan.sizes()
+        typer.echo(
+            f"dry run: {plan.loaded.name} on {plan.description['data']['source']} -> {out}\n"
+            f"  arrays      h0..h{layout.n_blocks} of {shape}, {layout.dtype}, "
+            f"tokens={options.tokens}\n"
+            f"  layout      {layout.chunk_samples} samples/chunk, {layout.shard_samples} "
+            f"samples/shard, {layout.n_shards} shards, codec {layout.codec}\n"
+            f"  store size  {mb(sizes['store_bytes_raw'])} uncompressed (lossless codecs save "
+            "10-20% on float activations)\n"
+            f"  memory      {mb(sizes['batch_activation_bytes'])} per batch of "
+            f"{min(batch_size, layout.shard_samples)} (float32), "
+            f"{mb(sizes['shard_buffer_bytes'])} per shard buffer, "
+            f"about {mb(sizes['peak_bytes_estimate'])} in all\n"
+            "  nothing was written"
+        )
+        return
+    done = shards_before = 0
+    if Store.exists(out) and not overwrite:
+        done_mask = Store.open(out).completed_shards()
+        shards_before = int(done_mask.sum())
+        done = sum(
+            b - a
+            for i, (a, b) in enumerate(map(layout.shard_rows, range(layout.n_shards)))
+            if i < len(done_mask) and done_mask[i]
+        )
+    try:
+        with ProgressBar(layout.n_samples, done, "extract") as bar:
+            result = run_extraction(plan, out, overwrite=overwrite, progress=bar)
+    except KeyboardInterrupt:
+        kept = int(Store.open(out).completed_shards().sum()) if Store.exists(out) else 0
+        raise Interrupted(
+            f"interrupted: {kept}/{layout.n_shards} shards of {str(out)!r} are complete and "
+            "kept; re-run the same command to resume"
+        ) from None
+    from rba_store.store.info import store_info
+
+    info = store_info(out)
+    rate = result.samples_written / result.seconds if result.seconds > 0 else 0.0
+    complete = info["complete"]
+    if result.resumed and result.shards_written == 0 and complete:
+        head = f"{out} is already complete ({layout.n_shards} shards); nothing to do"
+    else:
+        resumed = (
+            f" (resumed: {shards_before} of {layout.n_shards} shards were already complete)"
+            if result.resumed
+            else ""
+        )
+        if not complete:
+            resumed += (
+                f"; {info['shards_complete']}/{layout.n_shards} shards complete so far "
+                "(other workers fill the rest)"
+            )
+        head = (
+            f"extracted {result.samples_written} samples in {result.seconds:.1f} s "
+            f"({rate:,.0f} img/s) into {out}{resumed}"
+        )
+    ratio = info["compression_ratio"]
+    typer.echo(
+        f"{head}\n  h0..h{layout.n_blocks}: {shape}, {layout.dtype}; stored "
+        f"{mb(info['bytes_stored'])} of {mb(info['bytes_raw'])} raw"
+        + (f" (ratio {ratio:.3f})" if ratio else "")
+    )
+
+
+@app.command()
+def info(
+    store: StoreArg,
+    as_json: JsonOpt = False,
+) -> None:
+    """Shapes, dtype, codec, bytes stored vs raw, completeness and provenance of a store."""
+    from rba_store.store import Store
+    from rba_store.store.info import format_info, store_info
+
+    summary = store_info(Store.open(store))
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_info(summary))
+
+
+@app.command()
+def validate(
+    store: StoreArg,
+    as_json: JsonOpt = False,
+) -> int:
+    """Check the ledger against the data, the fingerprint, that shards decode, NaN/Inf."""
+    from rba_store.store import Store
+    from rba_store.store.validate import validate_store
+
+    report = validate_store(Store.open(store))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        state = "complete" if report["complete"] else "INCOMPLETE"
+        typer.echo(
+            f"{store}: {report['shards_complete']}/{report['n_shards']} shards complete "
+            f"({state}), {report['shards_checked']} checked: "
+            + ("no problem found" if report["ok"] else f"{len(report['problems'])} problem(s)")
+        )
+        for problem in report["problems"]:
+            typer.echo(f"  - {problem}")
+    return 0 if report["ok"] else EXIT_ERROR

@@ -1,0 +1,84 @@
+"""Dask plumbing shared by the analyses: tree reductions, local threads, a running cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dask
+from dask.delayed import Delayed
+
+from rba_store.errors import UsageError
+
+
+def tree_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any]) -> Delayed:
+    """Combine delayed partial results pairwise, level by level (a balanced tree)."""
+    merge = dask.delayed(combine, pure=True)
+    while len(parts) > 1:
+        paired = [merge(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        parts = paired + ([parts[-1]] if len(parts) % 2 else [])
+    return parts[0]
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None = None, scheduler_file: str | None = None) -> Iterator[Any]:
+    """A ``dask.distributed`` client for a running cluster, or None for the local scheduler."""
+    if scheduler is None and scheduler_file is None:
+        yield None
+        return
+    try:
+        from distributed import Client
+    except ImportError as e:  # pragma: no cover - distributed is a dependency
+        raise UsageError("--scheduler needs dask.distributed: pip install distributed") from e
+    if scheduler_file is not None and not os.path.isfile(scheduler_file):
+        raise UsageError(
+            f"--scheduler-file {scheduler_file!r} does not exist; start a scheduler with "
+            f"'dask scheduler --scheduler-file {scheduler_file}' first"
+        )
+    try:
+        client = Client(scheduler, scheduler_file=scheduler_file, timeout="10s")
+    except (OSError, TimeoutError, ValueError) as e:
+        where = scheduler or scheduler_file
+        raise UsageError(
+            f"cannot connect to the Dask scheduler {where!r} ({e}); start one with "
+            "'dask scheduler' or pass the address it prints"
+        ) from e
+    with client:
+        yield client
+
+
+def compute(
+    graph: Delayed,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    n_tasks: int = 1,
+) -> Any:
+    """Compute a delayed result locally (threads) or on a running ``dask.distributed`` cluster."""
+    with dask_client(scheduler, scheduler_file) as client:
+        return compute_with(client, graph, n_tasks)
+
+
+def compute_with(client: Any, graph: Delayed, n_tasks: int = 1) -> Any:
+    """Compute on ``client``'s cluster, or locally when it is None.
+
+    Locally, the shard tasks' GEMMs share the cores with Dask's threads: BLAS gets
+    ``cores // concurrent tasks`` threads each, so that one task's GEMM does not fight another's
+    (oversubscription) and one task's read overlaps another's GEMM.
+    """
+    if client is not None:
+        return client.compute(graph).result()
+    from threadpoolctl import threadpool_limits
+
+    cores = os.cpu_count() or 1
+    blas_threads = max(1, cores // max(1, min(n_tasks, cores)))
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return graph.compute()
+
+
+def concurrency(client: Any) -> int:
+    """How many tasks run at once: the cluster's worker threads, or the local cores."""
+    if client is not None:
+        return max(1, sum(client.nthreads().values()))
+    return os.cpu_count() or 1

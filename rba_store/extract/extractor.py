@@ -1,0 +1,208 @@
+"""Model -> activations of every block -> store, one forward pass per batch, resumable.
+
+The write unit is a shard: samples are computed batch by batch into a shard buffer, and a writer
+thread writes each full shard of every array at once (zarr cannot safely write part of a shard)
+while the model computes the next one. Only then is the shard marked complete in the ledger, so
+an interrupted run resumes at the first shard that is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rba_store.errors import StoreError
+from rba_store.extract.plan import ExtractionPlan
+from rba_store.store import FEATURES, LABEL, SAMPLE_ID, Store, h_name
+
+logger = logging.getLogger(__name__)
+
+ProgressHook = Callable[[int, int], None]  # (samples just computed, raw bytes just computed)
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    store_path: Path
+    n_shards: int
+    shards_written: int
+    samples_written: int
+    seconds: float
+    resumed: bool
+
+
+def _open_or_create(plan: ExtractionPlan, out: Path, overwrite: bool) -> tuple[Store, bool]:
+    """Open a compatible store to resume it, or create a fresh one. Returns (store, resumed)."""
+    if out.exists() and Store.exists(out):
+        if not overwrite:
+            store = Store.open(out, mode="r+")
+            store.check_compatible(plan.description)
+            return store, True
+        Store.remove(out)
+    elif out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise StoreError(
+            f"--out {str(out)!r} exists and is not an rba-store store; choose another path "
+            "(it is left untouched, with or without --overwrite)"
+        )
+    # Build the new store beside its final place, then move it in: a crash leaves no half store.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.creating-{os.getpid()}")
+    try:
+        Store.create(staging, plan.description, plan.layout)
+    except OSError as e:  # e.g. a full disk: leave nothing behind, name --out
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(e.errno, e.strerror or str(e), str(out)) from e
+    try:
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except OSError:  # another worker created it first: use theirs if it is the same extraction
+        shutil.rmtree(staging, ignore_errors=True)
+        if not Store.exists(out):
+            raise
+        store = Store.open(out, mode="r+")
+        store.check_compatible(plan.description)
+        return store, True
+    return Store.open(out, mode="r+"), False
+
+
+class _ShardWriter:
+    """A thread that writes whole shards of every array, then marks them complete."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.layout = store, store.layout
+        self.queue: queue.Queue[tuple[int, dict[str, np.ndarray]] | None] = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, name="rba-store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(*item)
+                except BaseException as e:  # re-raised in the main thread
+                    self.error = e
+
+    def _write(self, shard_idx: int, arrays: dict[str, np.ndarray]) -> None:
+        start, stop = self.layout.shard_rows(shard_idx)
+        self.store.discard_torn_shard(shard_idx, list(arrays))
+        for name, values in arrays.items():
+            self.store.array(name)[start:stop] = values
+        self.store.mark_shard_complete(shard_idx)
+        self.written += 1
+
+    def submit(self, shard_idx: int, arrays: dict[str, np.ndarray]) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self.queue.put((shard_idx, arrays), timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _batches(plan: ExtractionPlan, shards: list[int]) -> Iterator[tuple[int, int, int]]:
+    """(shard, start, stop) of every batch, batches never crossing a shard boundary."""
+    for shard_idx in shards:
+        first, last = plan.layout.shard_rows(shard_idx)
+        for start in range(first, last, plan.options.batch_size):
+            yield shard_idx, start, min(start + plan.options.batch_size, last)
+
+
+def shard_buffer(plan: ExtractionPlan, shard_idx: int) -> dict[str, np.ndarray]:
+    """Empty arrays for one shard of every array (labels and ids filled), as the writer takes."""
+    layout = plan.layout
+    start, stop = layout.shard_rows(shard_idx)
+    rows = stop - start
+    buffer = {
+        h_name(k): np.empty((rows, p.n_tokens, p.n_channels), layout.dtype)
+        for k, p in enumerate(layout.points)
+    }
+    buffer[FEATURES] = np.empty((rows, layout.n_features), layout.dtype)
+    buffer[LABEL] = plan.source.labels[start:stop]
+    buffer[SAMPLE_ID] = np.asarray(plan.source.sample_ids[start:stop], dtype=str)
+    return buffer
+
+
+def run_extraction(
+    plan: ExtractionPlan,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: ProgressHook | None = None,
+) -> ExtractionResult:
+    """Fill the store at ``out``: create it, or resume it when it holds the same configuration."""
+    out = Path(out)
+    store, resumed = _open_or_create(plan, out, overwrite)
+    workers, index = plan.options.num_workers, plan.options.worker_index
+    todo = [int(i) for i in np.flatnonzero(~store.completed_shards()) if i % workers == index]
+    claim = store.claim_worker(index, workers)
+    started = time.perf_counter()
+    samples = 0
+    writer = _ShardWriter(store)
+    device = plan.options.device
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rba-store-loader") as loader:
+            batches = iter(_batches(plan, todo))
+            nxt = next(batches, None)
+            pending = (
+                None if nxt is None else loader.submit(plan.source.load, *nxt[1:], plan.preprocess)
+            )
+            buffer: dict[str, np.ndarray] | None = None
+            while nxt is not None and pending is not None:
+                shard_idx, start, stop = nxt
+                inputs = pending.result()
+                nxt = next(batches, None)
+                pending = (
+                    None
+                    if nxt is None
+                    else loader.submit(plan.source.load, *nxt[1:], plan.preprocess)
+                )
+                if buffer is None:
+                    buffer = shard_buffer(plan, shard_idx)
+                captured = plan.capture(inputs.to(device))
+                offset = start - plan.layout.shard_rows(shard_idx)[0]
+                rows = slice(offset, offset + stop - start)
+                for k, point in enumerate(captured.points):
+                    buffer[h_name(k)][rows] = point.cpu().numpy()
+                buffer[FEATURES][rows] = captured.features.cpu().numpy()
+                samples += stop - start
+                if progress is not None:
+                    progress(stop - start, (stop - start) * plan.layout.sample_bytes())
+                if stop == plan.layout.shard_rows(shard_idx)[1]:
+                    writer.submit(shard_idx, buffer)
+                    buffer = None
+    finally:
+        try:
+            writer.close()
+        finally:
+            store.release_claim(claim)
+            store.consolidate()
+    return ExtractionResult(
+        store_path=out,
+        n_shards=plan.layout.n_shards,
+        shards_written=writer.written,
+        samples_written=samples,
+        seconds=time.perf_counter() - started,
+        resumed=resumed,
+    )

@@ -1,0 +1,184 @@
+"""What an extraction will do: its options, the model, the data and the store's layout, checked
+before anything is written, and the description (with its fingerprint) the store will carry."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rba_store.errors import UsageError
+from rba_store.extract.capture import ActivationCapture
+from rba_store.extract.data import DataSource, Preprocess, make_preprocess, open_source
+from rba_store.extract.models import LoadedModel, build_model
+from rba_store.store import (
+    FORMAT_VERSION,
+    CapturePoint,
+    StoreLayout,
+    fingerprint,
+    normalize,
+    plan_layout,
+)
+
+DEFAULT_DATA = "digits"
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Everything ``rba-store extract`` can be asked for."""
+
+    model: str | None = None
+    checkpoint: Path | None = None
+    pretrained: bool = False
+    data: str = DEFAULT_DATA
+    split: str | None = None
+    limit: int | None = None
+    tokens: str = "all"
+    dtype: str = "float32"
+    codec: str = "blosc-zstd"
+    clevel: int = 3
+    batch_size: int = 64
+    device: str = "cpu"
+    chunk_mb: float = 4.0
+    shard_mb: float = 16.0
+    chunk_samples: int | None = None
+    shard_samples: int | None = None
+    num_workers: int = 1  # processes filling the same store, each its own shards
+    worker_index: int = 0
+
+
+@dataclass
+class ExtractionPlan:
+    """A model, a data source and a store layout, checked and ready; nothing written yet."""
+
+    options: ExtractOptions
+    loaded: LoadedModel
+    source: DataSource
+    capture: ActivationCapture
+    preprocess: Preprocess
+    layout: StoreLayout
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes on disk (uncompressed) and memory per batch and per shard buffer."""
+        layout = self.layout
+        feature_bytes = layout.n_features * np.dtype(layout.dtype).itemsize
+        per_sample = layout.sample_bytes() + feature_bytes
+        f32_per_sample = sum(p.n_tokens * p.n_channels for p in layout.points) * 4
+        batch = min(self.options.batch_size, layout.shard_samples)
+        return {
+            "n_samples": layout.n_samples,
+            "store_bytes_raw": per_sample * layout.n_samples,
+            "batch_activation_bytes": f32_per_sample * batch,
+            "shard_buffer_bytes": per_sample * layout.shard_samples,
+            # one batch in float32 + the shard being filled + the shard being written
+            "peak_bytes_estimate": f32_per_sample * batch + 2 * per_sample * layout.shard_samples,
+        }
+
+
+def _library_versions() -> dict[str, str]:
+    import dask
+    import numcodecs
+    import timm
+    import xarray
+    import zarr
+
+    from rba_store import __version__
+
+    return {
+        "rba_store": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": np.__version__,
+        "dask": dask.__version__,
+        "xarray": xarray.__version__,
+    }
+
+
+def _check_options(options: ExtractOptions) -> None:
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size {options.batch_size} is invalid; pass a positive number")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {options.device!r} asked for, but no CUDA GPU is visible; use --device cpu"
+        )
+    try:
+        torch.device(options.device)
+    except RuntimeError as e:
+        raise UsageError(
+            f"--device {options.device!r} is not a torch device; use cpu or cuda"
+        ) from e
+    if options.num_workers < 1:
+        raise UsageError(f"--num-workers {options.num_workers} is invalid; pass 1 or more")
+    if not 0 <= options.worker_index < options.num_workers:
+        raise UsageError(
+            f"--worker-index {options.worker_index} is out of range for --num-workers "
+            f"{options.num_workers}; pass 0..{options.num_workers - 1}"
+        )
+    top = 9 if options.codec.startswith("blosc") else 22
+    if not 0 <= options.clevel <= top:
+        raise UsageError(
+            f"--clevel {options.clevel} is out of range for --codec {options.codec}; use 0..{top}"
+        )
+    for flag, value in (("--chunk-mb", options.chunk_mb), ("--shard-mb", options.shard_mb)):
+        if not value > 0:
+            raise UsageError(f"{flag} {value} is invalid; pass a positive size in MB (e.g. 4)")
+
+
+def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
+    """Build the model and the data source and probe the shapes, without touching any store."""
+    _check_options(options)
+    source = open_source(options.data, options.split, options.limit)
+    loaded = build_model(
+        options.model,
+        checkpoint=options.checkpoint,
+        pretrained=options.pretrained,
+        device=options.device,
+    )
+    capture = ActivationCapture(loaded, options.tokens)
+    preprocess = make_preprocess(loaded.data_config)
+    probe = capture(source.load(0, 1, preprocess).to(options.device))
+    points = [
+        CapturePoint(p.shape[1], p.shape[2], tuple(s))
+        for p, s in zip(probe.points, probe.source_shapes, strict=True)
+    ]
+    layout = plan_layout(
+        len(source),
+        points,
+        probe.features.shape[1],
+        options.dtype,
+        codec=options.codec,
+        clevel=options.clevel,
+        chunk_mb=options.chunk_mb,
+        shard_mb=options.shard_mb,
+        chunk_samples=options.chunk_samples,
+        shard_samples=options.shard_samples,
+    )
+    description: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "kind": "activations",
+        "model": loaded.describe() | {"capture_method": capture.method},
+        "data": source.describe(),
+        "preprocessing": "none (inputs given as arrays)"
+        if source.preprocessed
+        else loaded.data_config,
+        "tokens": options.tokens,
+        "dtype": options.dtype,
+        "codec": {"name": options.codec, "clevel": options.clevel},
+        "layout": layout.to_attrs(),
+        "versions": _library_versions(),
+        "run": {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": options.device,
+            "batch_size": options.batch_size,
+        },
+    }
+    description = normalize(description)
+    description["fingerprint"] = fingerprint(description)
+    return ExtractionPlan(options, loaded, source, capture, preprocess, layout, description)

@@ -1,0 +1,44 @@
+"""The activation store: the handle, its layout and protocol, the ledger, worker claims, saved
+analyses, and what reads it (info, validate, sample selection, shard tasks)."""
+
+from rba_store.store.analyses import FITS, STATS, analysis_path
+from rba_store.store.fingerprint import fingerprint, normalize, normalize_json
+from rba_store.store.handle import Store
+from rba_store.store.layout import (
+    CODECS,
+    DTYPES,
+    FEATURES,
+    FORMAT_VERSION,
+    LABEL,
+    LEDGER_PATH,
+    SAMPLE_ID,
+    CapturePoint,
+    StoreLayout,
+    compressors,
+    h_name,
+    plan_layout,
+)
+from rba_store.store.selection import SampleSelection
+
+__all__ = [
+    "CODECS",
+    "DTYPES",
+    "FEATURES",
+    "FITS",
+    "FORMAT_VERSION",
+    "LABEL",
+    "LEDGER_PATH",
+    "SAMPLE_ID",
+    "STATS",
+    "CapturePoint",
+    "SampleSelection",
+    "Store",
+    "StoreLayout",
+    "analysis_path",
+    "compressors",
+    "fingerprint",
+    "h_name",
+    "normalize",
+    "normalize_json",
+    "plan_layout",
+]

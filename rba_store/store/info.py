@@ -1,0 +1,97 @@
+"""What a store holds: shapes, dtype, codec, bytes stored vs raw, completeness, provenance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rba_store.store.handle import Store
+from rba_store.store.layout import FEATURES, LABEL, SAMPLE_ID, h_name
+
+
+def store_info(store: Store | str | Path) -> dict[str, Any]:
+    """A JSON-ready summary of a store (what ``rba-store info --json`` prints)."""
+    store = Store.coerce(store)
+    description, layout = store.description, store.layout
+    arrays: dict[str, dict[str, Any]] = {}
+    stored_total = raw_total = 0
+    names = [h_name(k) for k in range(len(layout.points))]
+    for name in [*names, FEATURES, LABEL, SAMPLE_ID]:
+        array = store.array(name)
+        stored = int(array.nbytes_stored())
+        raw = int(array.nbytes) if name != SAMPLE_ID else 0
+        arrays[name] = {
+            "shape": list(array.shape),
+            "dims": list(array.metadata.dimension_names or ()),
+            "dtype": str(array.dtype),
+            "chunks": list(array.chunks),
+            "shards": list(array.shards) if array.shards else None,
+            "bytes_stored": stored,
+        }
+        if name in names or name == FEATURES:
+            stored_total += stored
+            raw_total += raw
+    complete = store.completed_shards()
+    samples_complete = sum(
+        stop - start
+        for start, stop in (layout.shard_rows(i) for i in range(layout.n_shards) if complete[i])
+    )
+    # Only completed shards count towards the ratio: unwritten ones take no space yet.
+    raw_complete = raw_total * samples_complete // max(layout.n_samples, 1)
+    return {
+        "path": str(store.path),
+        "format_version": description["format_version"],
+        "fingerprint": description["fingerprint"],
+        "n_samples": layout.n_samples,
+        "n_blocks": layout.n_blocks,
+        "tokens": description["tokens"],
+        "dtype": layout.dtype,
+        "codec": description["codec"],
+        "chunk_samples": layout.chunk_samples,
+        "shard_samples": layout.shard_samples,
+        "complete": bool(complete.all()),
+        "shards_complete": int(complete.sum()),
+        "n_shards": layout.n_shards,
+        "samples_complete": samples_complete,
+        "bytes_raw": raw_complete,
+        "bytes_stored": stored_total,
+        "compression_ratio": round(raw_complete / stored_total, 4) if stored_total else None,
+        "arrays": arrays,
+        "model": description["model"],
+        "data": description["data"],
+        "preprocessing": description["preprocessing"],
+        "versions": description["versions"],
+        "run": description.get("run", {}),
+    }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable form of :func:`store_info`."""
+    model, data = info["model"], info["data"]
+    weights = model["weights"]
+    h0 = info["arrays"]["h0"]
+    ratio = info["compression_ratio"]
+    lines = [
+        f"store      {info['path']} (format v{info['format_version']}, "
+        f"fingerprint {info['fingerprint'][:12]})",
+        f"model      {model['name']}: {model['n_blocks']} blocks, weights {weights['source']}"
+        + (f" {weights['path']}" if "path" in weights else "")
+        + (f" sha256 {weights['sha256'][:12]}" if "sha256" in weights else ""),
+        f"data       {data['source']} {data.get('path', '')} split={data.get('split')} "
+        f"samples={info['n_samples']}" + (f" (limit {data['limit']})" if data.get("limit") else ""),
+        f"arrays     h0..h{info['n_blocks']} {tuple(h0['shape'])} {h0['dims']} {info['dtype']}, "
+        f"tokens={info['tokens']}; features {tuple(info['arrays']['features']['shape'])}",
+        f"chunks     {info['chunk_samples']} samples/chunk, {info['shard_samples']} samples/shard, "
+        f"codec {info['codec']['name']} (level {info['codec']['clevel']})",
+        f"size       {_mb(info['bytes_stored'])} stored, {_mb(info['bytes_raw'])} raw"
+        + (f", ratio {ratio:.3f}" if ratio else ""),
+        f"complete   {'yes' if info['complete'] else 'NO'}: {info['shards_complete']}/"
+        f"{info['n_shards']} shards, {info['samples_complete']}/{info['n_samples']} samples",
+    ]
+    if not info["complete"]:
+        lines.append("           re-run the same 'rba-store extract' command to finish it")
+    return "\n".join(lines)

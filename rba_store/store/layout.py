@@ -1,0 +1,198 @@
+"""The store's protocol: array names, dimension names, attribute keys, layout and codecs.
+
+With :mod:`rba_store.store.analyses` (the ``stats/`` and ``fits/`` groups), this is the only place
+that knows the store's array paths and attribute keys (``docs/STORE.md`` says it in prose). A
+store is one Zarr v3 group:
+
+- ``h0`` … ``hL``: the residual stream after k blocks, dims ``("sample", "token", "channel")``;
+- ``features`` (``"sample", "channel"``), ``label`` (``"sample"``, int64) and ``sample_id``
+  (``"sample"``, string);
+- ``ledger/shards`` (``"shard"``, uint8): 1 where every array's shard has been written;
+- ``claims/worker-k-of-N``: which process fills which shards;
+- the group attribute ``rba_store``: the extraction's complete description and its fingerprint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import zarr.codecs
+
+from rba_store.errors import UsageError
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "rba_store"
+LEDGER_PATH = "ledger/shards"
+CLAIMS_GROUP = "claims"
+FEATURES, LABEL, SAMPLE_ID = "features", "label", "sample_id"
+SAMPLE_DIM = "sample"
+CODECS = ("blosc-zstd", "zstd", "blosc-lz4", "none")
+DTYPES = ("float32", "float16")
+
+
+def h_name(point_idx: int) -> str:
+    """Name of the array holding the residual stream after ``point_idx`` blocks."""
+    return f"h{point_idx}"
+
+
+@dataclass(frozen=True)
+class CapturePoint:
+    """Shape of one stored capture point per sample: ``(n_tokens, n_channels)``."""
+
+    n_tokens: int
+    n_channels: int
+    source_shape: tuple[int, ...]  # the module output's own shape, without the batch dim
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Sizes and chunking of a store: everything needed to create its arrays."""
+
+    n_samples: int
+    points: tuple[CapturePoint, ...]  # h0 .. hL
+    n_features: int
+    dtype: str
+    chunk_samples: int
+    shard_samples: int
+    codec: str = "blosc-zstd"
+    clevel: int = 3
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.points) - 1
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_samples / self.shard_samples)
+
+    def shard_rows(self, shard_idx: int) -> tuple[int, int]:
+        """Half-open sample range ``[start, stop)`` of one shard."""
+        start = shard_idx * self.shard_samples
+        return start, min(start + self.shard_samples, self.n_samples)
+
+    def sample_bytes(self) -> int:
+        """Bytes of one sample over all capture points (uncompressed)."""
+        itemsize = np.dtype(self.dtype).itemsize
+        return sum(p.n_tokens * p.n_channels for p in self.points) * itemsize
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "n_samples": self.n_samples,
+            "n_blocks": self.n_blocks,
+            "points": [asdict(p) for p in self.points],
+            "n_features": self.n_features,
+            "dtype": self.dtype,
+            "chunk_samples": self.chunk_samples,
+            "shard_samples": self.shard_samples,
+            "n_shards": self.n_shards,
+            "codec": self.codec,
+            "clevel": self.clevel,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreLayout:
+        points = tuple(
+            CapturePoint(p["n_tokens"], p["n_channels"], tuple(p["source_shape"]))
+            for p in attrs["points"]
+        )
+        return cls(
+            n_samples=attrs["n_samples"],
+            points=points,
+            n_features=attrs["n_features"],
+            dtype=attrs["dtype"],
+            chunk_samples=attrs["chunk_samples"],
+            shard_samples=attrs["shard_samples"],
+            codec=attrs["codec"],
+            clevel=attrs["clevel"],
+        )
+
+
+def plan_layout(
+    n_samples: int,
+    points: Sequence[CapturePoint],
+    n_features: int,
+    dtype: str = "float32",
+    *,
+    codec: str = "blosc-zstd",
+    clevel: int = 3,
+    chunk_mb: float = 4.0,
+    shard_mb: float = 16.0,
+    chunk_samples: int | None = None,
+    shard_samples: int | None = None,
+) -> StoreLayout:
+    """Choose chunk and shard sizes: chunks of about ``chunk_mb``, shards of whole chunks.
+
+    Chunks are balanced (``n_samples`` split into equal chunks) so that the edge chunk is not
+    mostly padding. A shard is the extractor's write unit: it is written once, whole.
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if codec not in CODECS:
+        raise UsageError(f"codec {codec!r} is not supported; use one of {', '.join(CODECS)}")
+    if n_samples < 1:
+        raise UsageError(f"the data set has {n_samples} samples; at least 1 is needed")
+    itemsize = np.dtype(dtype).itemsize
+    row_bytes = max(p.n_tokens * p.n_channels for p in points) * itemsize
+    if chunk_samples is None:
+        target = max(1, int(chunk_mb * 2**20 // row_bytes))
+        n_chunks = math.ceil(n_samples / target)
+        chunk_samples = math.ceil(n_samples / n_chunks)
+    if chunk_samples < 1:
+        raise UsageError(f"chunk size {chunk_samples} samples is invalid; use a positive number")
+    chunk_samples = min(chunk_samples, n_samples)
+    if shard_samples is None:
+        chunks_per_shard = max(1, int(shard_mb * 2**20 // (row_bytes * chunk_samples)))
+        n_chunks = math.ceil(n_samples / chunk_samples)
+        n_shards = math.ceil(n_chunks / chunks_per_shard)
+        shard_samples = math.ceil(n_chunks / n_shards) * chunk_samples
+    if shard_samples < chunk_samples or shard_samples % chunk_samples:
+        raise UsageError(
+            f"shard size {shard_samples} samples is not a multiple of the chunk size "
+            f"{chunk_samples}; pass a multiple of it"
+        )
+    return StoreLayout(
+        n_samples=n_samples,
+        points=tuple(points),
+        n_features=n_features,
+        dtype=dtype,
+        chunk_samples=chunk_samples,
+        shard_samples=shard_samples,
+        codec=codec,
+        clevel=clevel,
+    )
+
+
+def compressors(codec: str, clevel: int) -> tuple[Any, ...]:
+    """zarr v3 compressor codecs for a codec name (``none``: no compression)."""
+    if codec == "blosc-zstd":
+        return (zarr.codecs.BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle"),)
+    if codec == "blosc-lz4":
+        return (zarr.codecs.BloscCodec(cname="lz4", clevel=clevel, shuffle="bitshuffle"),)
+    if codec == "zstd":
+        return (zarr.codecs.ZstdCodec(level=clevel),)
+    if codec == "none":
+        return ()
+    raise UsageError(f"codec {codec!r} is not supported; use one of {', '.join(CODECS)}")
+
+
+def dims_of(layout: StoreLayout) -> tuple[list[tuple[str, str, str]], tuple[str, str]]:
+    """Dimension names of every ``h`` array and of ``features``.
+
+    When every capture point has the same shape (any ViT), they share ``token``/``channel``;
+    otherwise (CNNs) each array gets its own ``token_hK``/``channel_hK`` dims, since xarray needs
+    arrays sharing a dimension name to agree on its length.
+    """
+    shared = len({(p.n_tokens, p.n_channels) for p in layout.points}) == 1
+    h_dims = [
+        (SAMPLE_DIM, "token", "channel")
+        if shared
+        else (SAMPLE_DIM, f"token_{h_name(k)}", f"channel_{h_name(k)}")
+        for k in range(len(layout.points))
+    ]
+    channel_len = layout.points[0].n_channels if shared else None
+    feature_dim = "channel" if layout.n_features == channel_len else "feature"
+    return h_dims, (SAMPLE_DIM, feature_dim)

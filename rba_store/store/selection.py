@@ -1,0 +1,81 @@
+"""Which samples and token vectors an analysis uses: selections, completeness, token checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rba_store.errors import IncompleteStoreError, UsageError
+from rba_store.store.handle import Store
+
+
+@dataclass(frozen=True)
+class SampleSelection:
+    """Which samples to use: all, the first ``limit``, or ``sample`` drawn with ``seed``."""
+
+    limit: int | None = None
+    sample: int | None = None
+    seed: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        if self.sample is not None:
+            return {"mode": "sample", "n": self.sample, "seed": self.seed}
+        if self.limit is not None:
+            return {"mode": "limit", "n": self.limit}
+        return {"mode": "all"}
+
+    def indices(self, available: np.ndarray, store: Store | str) -> np.ndarray:
+        """Sorted sample indices, chosen among the ``available`` ones (complete shards)."""
+        if self.limit is not None and self.sample is not None:
+            raise UsageError("--limit and --sample exclude each other; pass only one")
+        wanted = self.sample if self.sample is not None else self.limit
+        if wanted is None:
+            return available
+        option = "--sample" if self.sample is not None else "--limit"
+        if wanted < 1 or wanted > len(available):
+            raise UsageError(
+                f"{option} {wanted} is out of range for {str(store)!r}, which has {len(available)} "
+                f"usable samples; pass 1..{len(available)}"
+            )
+        if self.sample is None:
+            return available[:wanted]
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(available, size=wanted, replace=False))
+
+
+def usable_samples(store: Store, allow_incomplete: bool) -> np.ndarray:
+    """Indices of the samples in complete shards; refuses an incomplete store unless allowed."""
+    layout = store.layout
+    complete = store.completed_shards()
+    ranges = [layout.shard_rows(s) for s in range(layout.n_shards) if complete[s]]
+    available = np.concatenate([np.arange(a, b) for a, b in ranges]) if ranges else np.arange(0)
+    if not complete.all() and not allow_incomplete:
+        raise IncompleteStoreError(
+            f"store {str(store)!r} is incomplete: {int(complete.sum())}/{layout.n_shards} shards "
+            f"({len(available)}/{layout.n_samples} samples) are written; finish it by re-running "
+            "the same 'rba-store extract' command, or pass --allow-incomplete to use what is there"
+        )
+    if len(available) == 0:
+        raise IncompleteStoreError(
+            f"store {str(store)!r} holds no complete shard yet; run 'rba-store extract' to fill it"
+        )
+    return available
+
+
+def check_tokens(store: Store, tokens: str) -> None:
+    """Refuse a token selection the store cannot give."""
+    description = store.description
+    if tokens not in ("all", "cls"):
+        raise UsageError(f"--tokens {tokens!r} is not valid; use all or cls")
+    if tokens == "all" and description["tokens"] == "cls":
+        raise UsageError(
+            f"--tokens all needs every token, but {str(store)!r} holds the class token only "
+            "(extracted with --tokens cls); use --tokens cls, or re-extract with --tokens all"
+        )
+    if tokens == "cls" and not description["model"].get("has_class_token", False):
+        raise UsageError(
+            f"--tokens cls needs a class token, and the model of {str(store)!r} "
+            f"({description['model']['name']}) has none; use --tokens all"
+        )
