@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench bench-full
+.PHONY: setup demo test lint bench bench-full results
 
 $(BIN)/rba-store: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,16 @@ $(BIN)/rba-store: pyproject.toml constraints.txt
 
 setup: $(BIN)/rba-store
 
-demo: setup  ## the main job on the embedded default: extract -> stats -> fit -> evaluate
+demo: setup  ## the main job on the embedded default: extract -> stats -> fit -> evaluate -> select
 	$(BIN)/rba-store extract --out runs/demo.zarr --overwrite
 	$(BIN)/rba-store info runs/demo.zarr
 	$(BIN)/rba-store stats runs/demo.zarr --plots runs/demo-plots
 	$(BIN)/rba-store fit runs/demo.zarr --auto 3 --holdout 0.2 --name demo --overwrite
 	$(BIN)/rba-store evaluate runs/demo.zarr --auto --plots runs/demo-plots
+	$(BIN)/rba-store select runs/demo.zarr --plots runs/demo-plots
+
+results: setup  ## re-generate the README's results block from the shipped weights
+	$(BIN)/python docs/make_results.py
 
 test: setup
 	$(BIN)/python -m pytest

@@ -215,3 +215,46 @@ def test_moved_weights_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
         rebuild_model(Store.open(store).description["model"])
     code, _, err = run_cli(capsys, "evaluate", store, "--identity", "2:3", "--checkpoint", moved)
     assert code == 0, err
+
+
+def test_random_weights_are_kept_in_the_store_not_redrawn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rba_store.approx.evaluate import evaluate_variants, identity_variant
+    from rba_store.approx.recipe import load_approximated
+    from rba_store.extract.models import model_weights_sha256
+    from rba_store.store import WEIGHTS_PATH, Store
+
+    store = tmp_path / "random.zarr"
+    code, _, err = run_cli(
+        capsys, "extract", "--model", "test_vit", "--limit", "20", "--out", store
+    )
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "random weights" in warning[0]
+    description = Store.open(store).description["model"]["weights"]
+    assert description["source"] == "random" and description["stored"] == WEIGHTS_PATH
+    # Another draw of the "same" random init (other seed, other thread count) must not matter.
+    real_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: real_seed(seed + 1))
+    reports = []
+    threads_before = torch.get_num_threads()
+    for threads in (1, 2, 1, 2, 1):
+        torch.set_num_threads(threads)
+        try:
+            report = evaluate_variants(store, [identity_variant([(2, 3)])], batch_size=120)
+        finally:
+            torch.set_num_threads(threads_before)
+        reports.append(
+            [{k: v for k, v in r.items() if k != "images_per_s"} for r in report["variants"]]
+        )
+    assert all(r == reports[0] for r in reports)
+    code, _, err = run_cli(capsys, "apply", store, "--identity", "2:3", "--out", tmp_path / "m")
+    assert code == 0, err
+    model = load_approximated(tmp_path / "m")
+    kept = build_model("test_vit").module
+    from safetensors.torch import load
+
+    kept.load_state_dict(load(Store.open(store).read_weights()))
+    assert model_weights_sha256(kept) == description["sha256"]
+    torch.testing.assert_close(model.patch_embed.proj.weight, kept.patch_embed.proj.weight)

@@ -66,7 +66,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
     code, stdout, _ = run_cli(capsys, "extract", "--dry-run", "--out", out, "--dtype", "float16")
     assert code == 0
     assert "store size" in stdout and "memory" in stdout and "nothing was written" in stdout
-    raw = 1437 * (13 * 17 * 64 + 64) * 2
+    raw = 1077 * (13 * 17 * 64 + 64) * 2  # the digits train split: 1,077 images
     assert f"{raw / 2**20:,.1f} MB uncompressed" in stdout
     assert not out.exists()
 
@@ -92,7 +92,7 @@ BAD_INVOCATIONS = [
     (["--limit", "0"], "--limit 0 is invalid"),
     (["--checkpoint", "{tmp}/nope.pth"], "checkpoint '{tmp}/nope.pth' does not exist"),
     (["--model", "test_vit", "--checkpoint", "{tmp}/garbage.pth"], "cannot read checkpoint"),
-    (["--split", "val"], "split 'val' does not exist for digits"),
+    (["--split", "validation"], "split 'validation' does not exist for digits"),
     (["--device", "cuda"], "no CUDA GPU is visible"),
     (["--model", "test_vit2", "--tokens", "cls"], "--tokens cls needs a class token"),
     (["--dtype", "float64"], "Invalid value for '--dtype'"),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from rba_store.errors import DataSourceError
 from rba_store.extract.data import DigitsSource, open_source
@@ -23,12 +24,23 @@ def save_png(path: Path, value: int) -> None:
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint() -> None:
-    train, test = DigitsSource("train"), DigitsSource("test")
-    assert (len(train), len(test)) == (1437, 360)
-    assert not set(train.sample_ids) & set(test.sample_ids)
-    assert np.bincount(test.labels).min() >= 35  # stratified: every digit is in the test split
-    assert DigitsSource("train").sample_ids == train.sample_ids  # seeded
-    first = train.load(0, 1, identity)[0]
+    splits = {name: DigitsSource(name) for name in ("train", "val", "test")}
+    assert tuple(len(s) for s in splits.values()) == (1077, 360, 360)
+    ids = {name: set(s.sample_ids) for name, s in splits.items()}
+    assert all(len(ids[name]) == len(splits[name]) for name in splits)  # no repeats in a split
+    assert not ids["train"] & ids["val"]
+    assert not ids["train"] & ids["test"]
+    assert not ids["val"] & ids["test"]
+    assert ids["train"] | ids["val"] | ids["test"] == {f"digits/{i}" for i in range(1797)}
+    for name in ("val", "test"):  # stratified: every digit, in about its share (~36 each)
+        counts = np.bincount(splits[name].labels, minlength=10)
+        assert len(counts) == 10 and counts.min() >= 34, (name, counts)
+    target = load_digits().target
+    for name, source in splits.items():  # seeded: the same ids every time; labels follow the ids
+        assert DigitsSource(name).sample_ids == source.sample_ids, name
+        index = [int(i.removeprefix("digits/")) for i in source.sample_ids]
+        np.testing.assert_array_equal(source.labels, target[index])
+    first = splits["train"].load(0, 1, identity)[0]
     assert first.shape == (8, 8) and float(first.max()) <= 255.0
 
 

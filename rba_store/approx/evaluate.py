@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rba_store.approx.network import SplitNetwork
 from rba_store.approx.rebuild import rebuild_model, test_source
 from rba_store.approx.surgery import (
     LinearReplacement,
@@ -25,7 +26,7 @@ from rba_store.approx.surgery import (
     replace_spans,
 )
 from rba_store.errors import UsageError
-from rba_store.extract.data import make_preprocess
+from rba_store.extract.data import DataSource, make_preprocess
 from rba_store.solve import NormalEquations, load_fit, solve
 from rba_store.store import FEATURES, LABEL, Store
 
@@ -67,6 +68,13 @@ class Classifier:
     weight: np.ndarray | None = None  # (features, classes)
     bias: np.ndarray | None = None
 
+    def predict_from(self, net: SplitNetwork, h_last: torch.Tensor) -> np.ndarray:
+        """Predictions from the last point ``h_L`` of a (possibly approximated) network."""
+        if self.kind == "head":
+            return net.features(h_last, pre_logits=False).argmax(1).numpy()
+        features = net.features(h_last, pre_logits=True).numpy()
+        return np.argmax(features @ self.weight + self.bias, axis=1)
+
     def predict(self, model: nn.Module, x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             if self.kind == "head":
@@ -98,14 +106,15 @@ def evaluate_variants(
     *,
     checkpoint: str | Path | None = None,
     batch_size: int = 256,
+    source: DataSource | None = None,
 ) -> dict[str, Any]:
     """Accuracy, agreement with the original, parameters, FLOPs and images/s of each variant."""
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} is invalid; pass a positive number")
     store = Store.coerce(store)
     description = store.description
-    loaded = rebuild_model(description["model"], checkpoint)
-    source = test_source(description["data"])
+    loaded = rebuild_model(description["model"], checkpoint, store)
+    source = source or test_source(description["data"])
     preprocess = make_preprocess(loaded.data_config)
     own_head = description["model"]["weights"]["source"] == "embedded"
     classifier = Classifier("head") if own_head else fit_probe(store)

@@ -5,21 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from rba_store.errors import DataSourceError, ModelError
 from rba_store.extract.data import DataSource, DigitsSource, FolderSource, NpzSource
 from rba_store.extract.models import LoadedModel, build_model, model_weights_sha256, sha256_file
+from rba_store.store import Store
 
 
-def rebuild_model(model: dict[str, Any], checkpoint: str | Path | None = None) -> LoadedModel:
+def rebuild_model(
+    model: dict[str, Any], checkpoint: str | Path | None = None, store: Store | None = None
+) -> LoadedModel:
     """The model a store was extracted from, with the very weights (checked by sha256).
 
-    ``checkpoint`` points at the weights file when it has moved since the extraction.
+    ``checkpoint`` points at the weights file when it has moved since the extraction; random
+    weights are read back from ``store``, where the extractor kept them.
     """
     weights = model["weights"]
     source = weights["source"]
     name = model["name"]
-    if source in ("embedded", "checkpoint"):
+    if source == "random" and weights.get("stored"):
+        loaded = _from_store(name, store)
+        found = model_weights_sha256(loaded.module)
+    elif source in ("embedded", "checkpoint"):
         path = Path(checkpoint) if checkpoint else Path(weights["path"])
+        if source == "embedded" and not checkpoint and not path.is_file():
+            from rba_store.extract.default_model import ensure_default_weights
+
+            path = ensure_default_weights()  # another install of the package: its shipped file
         if checkpoint and not path.is_file():
             raise ModelError(
                 f"--checkpoint {str(path)!r} does not exist; pass the weights file of {name!r} "
@@ -41,6 +54,49 @@ def rebuild_model(model: dict[str, Any], checkpoint: str | Path | None = None) -
             "when the store was extracted; pass --checkpoint with the original file"
         )
     return loaded
+
+
+def build_architecture(model: dict[str, Any]) -> nn.Module:
+    """The architecture of a store's model (timm name and number of classes), weights unset."""
+    from rba_store.extract import default_model  # registers the embedded default with timm
+
+    timm = default_model.timm
+    return timm.create_model(model["name"], num_classes=int(model["num_classes"])).eval()
+
+
+def _from_store(name: str, store: Store | None) -> LoadedModel:
+    """A model with the random weights its store keeps (``Store.write_weights``)."""
+    from safetensors.torch import load
+
+    payload = store.read_weights() if store is not None else None
+    if payload is None:
+        raise ModelError(
+            f"the random weights of model {name!r} are kept in its store, and none was given "
+            "or it holds none; pass the store the model was extracted into"
+        )
+    loaded = build_model(name)
+    loaded.module.load_state_dict(load(payload), strict=True)
+    return loaded
+
+
+def held_out_source(data: dict[str, Any], split: str) -> DataSource:
+    """One named split (``val`` or ``test``) of a store's data source, never its own split."""
+    kind = data["source"]
+    if split != data.get("split"):
+        if kind == "digits":
+            return DigitsSource(split)
+        if kind == "folder" and (Path(data["path"]) / split).is_dir():
+            return FolderSource(Path(data["path"]), split)
+        if kind == "npz":
+            try:
+                return NpzSource(Path(data["path"]), split)
+            except DataSourceError:
+                pass
+    raise DataSourceError(
+        f"the data of this store ({kind} {data.get('path', '')!r}) has no {split!r} split apart "
+        f"from the one extracted (digits, a {split}/ folder, or x_{split}/y_{split} arrays); "
+        "selection needs both a val and a test split"
+    )
 
 
 def test_source(data: dict[str, Any]) -> DataSource:

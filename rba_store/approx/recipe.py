@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from rba_store.approx.rebuild import rebuild_model
+from rba_store.approx.rebuild import build_architecture, rebuild_model
 from rba_store.approx.surgery import SpanMap, replace_spans
 from rba_store.errors import StoreError
 from rba_store.store import Store, normalize
@@ -30,7 +30,7 @@ def write_approximated(
 
     store = Store.coerce(store)
     description = store.description
-    loaded = rebuild_model(description["model"])
+    loaded = rebuild_model(description["model"], store=store)
     model = replace_spans(loaded.module, maps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,19 +63,23 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
-def load_approximated(path: str | Path, checkpoint: str | Path | None = None) -> nn.Module:
-    """The approximated model written by :func:`write_approximated`, ready to run (eval mode)."""
+def load_approximated(path: str | Path) -> nn.Module:
+    """The approximated model written by :func:`write_approximated`, ready to run (eval mode).
+
+    ``model.safetensors`` holds every weight: only the base model's architecture is built, so
+    neither the original weights file nor the store is needed.
+    """
     from safetensors.torch import load_file
 
     recipe = read_recipe(path)
-    loaded = rebuild_model(recipe["base_model"], checkpoint)
-    width = int(loaded.module.embed_dim)
+    module = build_architecture(recipe["base_model"])
+    width = int(module.embed_dim)
     maps = [
         SpanMap(tuple(s["span"]))  # type: ignore[arg-type]
         if s["kind"] == "identity"
         else SpanMap(tuple(s["span"]), np.zeros((width, width)), np.zeros(width))  # type: ignore[arg-type]
         for s in recipe["spans"]
     ]
-    model = replace_spans(loaded.module, maps)
+    model = replace_spans(module, maps)
     model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
     return model.eval()

@@ -96,12 +96,34 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _cpu_attention_flops(
+    query_shape: Sequence[int],
+    key_shape: Sequence[int],
+    value_shape: Sequence[int],
+    *_: object,
+    **__: object,
+) -> int:
+    """The two attention products (Q·Kᵀ and A·V) of the CPU's fused attention kernel."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
 def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """FLOPs of one forward pass on one input, counted by ``torch.utils.flop_counter``."""
+    """FLOPs of one forward pass on one input, counted by ``torch.utils.flop_counter``.
+
+    The counter convention: 2 per multiply-add of matrix products and convolutions (norms,
+    softmax and activations are not counted). torch's counter has no formula for the CPU's fused
+    attention kernel and would count its two products as 0: it is given one here.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(1, *input_shape)
-    counter = FlopCounterMode(display=False)
+    mapping = {}
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_attention is not None:
+        mapping[cpu_attention] = _cpu_attention_flops
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter, torch.inference_mode():
         model(x)
     return int(counter.get_total_flops())

@@ -5,8 +5,16 @@ codes and the shared options live in :mod:`rba_store.cli.app`; errors become one
 in :mod:`rba_store.cli.main`.
 """
 
-from rba_store.cli import analysis_commands, model_commands, store_commands
+from rba_store.cli import analysis_commands, model_commands, select_command, store_commands
 from rba_store.cli.app import app
 from rba_store.cli.main import main, run
 
-__all__ = ["analysis_commands", "app", "main", "model_commands", "run", "store_commands"]
+__all__ = [
+    "analysis_commands",
+    "app",
+    "main",
+    "model_commands",
+    "run",
+    "select_command",
+    "store_commands",
+]

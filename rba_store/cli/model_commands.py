@@ -36,6 +36,9 @@ def apply(
     identity: Annotated[
         list[str] | None, typer.Option(help="a:b: drop these blocks (identity, repeatable).")
     ] = None,
+    selection: Annotated[
+        Path | None, typer.Option(help="The spans a 'rba-store select' chose (its JSON file).")
+    ] = None,
 ) -> None:
     """Write the model with spans replaced by fitted maps: safetensors weights plus a recipe."""
     from rba_store.approx import count_parameters
@@ -44,10 +47,18 @@ def apply(
 
     check_folder(out, "--out")
     opened = Store.open(store)
-    maps, names = _span_maps(opened, fit_names or [], identity or [])
+    fit_names, identity = list(fit_names or []), list(identity or [])
+    if selection is not None:
+        from rba_store.approx.selection_io import read_selection
+
+        chosen_fits, chosen_identities = read_selection(selection, opened)
+        fit_names += chosen_fits
+        identity += chosen_identities
+    maps, names = _span_maps(opened, fit_names, identity)
     if not maps:
         raise UsageError(
-            "nothing to apply; pass --fit NAME (see 'rba-store info') or --identity a:b"
+            "nothing to apply; pass --fit NAME (see 'rba-store info'), --identity a:b or "
+            "--selection FILE"
         )
     write_approximated(opened, maps, names, out)
     model = load_approximated(out)

@@ -48,7 +48,7 @@ def extract(
         bool, typer.Option(help="Load timm's pretrained weights (hub or local cache).")
     ] = False,
     split: Annotated[
-        str | None, typer.Option(help="Data split: train/test (digits), a sub-folder name.")
+        str | None, typer.Option(help="Data split: train/val/test (digits), a sub-folder name.")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
     tokens: Annotated[Tokens, typer.Option(help="Store all tokens, or the class token only.")] = (
@@ -165,6 +165,12 @@ def extract(
         head = (
             f"extracted {result.samples_written} samples in {result.seconds:.1f} s "
             f"({rate:,.0f} img/s) into {out}{resumed}"
+        )
+    if plan.random_weights:  # after the work: an error stays the only line on stderr
+        typer.echo(
+            f"rba-store: warning: {plan.loaded.name} has random weights (no --checkpoint or "
+            "--pretrained); they are kept in the store so that evaluate and apply rebuild them",
+            err=True,
         )
     ratio = info["compression_ratio"]
     typer.echo(

@@ -20,7 +20,9 @@ from rba_store.errors import DataSourceError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DIGITS_SEED = 0
+# train / val / test = 60 / 20 / 20 %: test first, then val from the rest (both stratified)
 DIGITS_TEST_FRACTION = 0.2
+DIGITS_VAL_FRACTION_OF_REST = 0.25
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
@@ -94,10 +96,11 @@ class _Limited(DataSource):
 
 
 class DigitsSource(DataSource):
-    """scikit-learn's 1,797 handwritten digits (8x8), split 80/20 stratified with a fixed seed."""
+    """scikit-learn's 1,797 handwritten digits (8x8), split train/val/test 60/20/20 %
+    (1,077 / 360 / 360), stratified, with a fixed seed."""
 
     kind = "digits"
-    SPLITS = ("train", "test")
+    SPLITS = ("train", "val", "test")
 
     def __init__(self, split: str = "train") -> None:
         from sklearn.datasets import load_digits
@@ -116,7 +119,13 @@ class DigitsSource(DataSource):
             stratify=digits.target,
         )
         self.split = split
-        self.indices = train if split == "train" else test
+        train, val = train_test_split(
+            train,
+            test_size=DIGITS_VAL_FRACTION_OF_REST,
+            random_state=DIGITS_SEED,
+            stratify=digits.target[train],
+        )
+        self.indices = {"train": train, "val": val, "test": test}[split]
         # 0..16 intensities as 8-bit grayscale images, the form every image source has
         self.images = np.rint(digits.images[self.indices] * (255 / 16)).astype(np.uint8)
         self.labels = digits.target[self.indices].astype(np.int64)
@@ -133,8 +142,9 @@ class DigitsSource(DataSource):
             "source": "digits",
             "path": "sklearn.datasets.load_digits",
             "split": self.split,
-            "split_rule": f"train_test_split(test_size={DIGITS_TEST_FRACTION}, "
-            f"random_state={DIGITS_SEED}, stratify=target)",
+            "split_rule": f"test: train_test_split(test_size={DIGITS_TEST_FRACTION}, "
+            f"random_state={DIGITS_SEED}, stratify=target); val: the same on the rest with "
+            f"test_size={DIGITS_VAL_FRACTION_OF_REST}",
             "n_samples": len(self),
             "classes": self.classes,
         }

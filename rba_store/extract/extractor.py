@@ -57,7 +57,9 @@ def _open_or_create(plan: ExtractionPlan, out: Path, overwrite: bool) -> tuple[S
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.creating-{os.getpid()}")
     try:
-        Store.create(staging, plan.description, plan.layout)
+        created = Store.create(staging, plan.description, plan.layout)
+        if plan.weights_payload is not None:
+            created.write_weights(plan.weights_payload)
     except OSError as e:  # e.g. a full disk: leave nothing behind, name --out
         shutil.rmtree(staging, ignore_errors=True)
         raise OSError(e.errno, e.strerror or str(e), str(out)) from e

@@ -17,6 +17,7 @@ from rba_store.extract.data import DataSource, Preprocess, make_preprocess, open
 from rba_store.extract.models import LoadedModel, build_model
 from rba_store.store import (
     FORMAT_VERSION,
+    WEIGHTS_PATH,
     CapturePoint,
     StoreLayout,
     fingerprint,
@@ -62,6 +63,11 @@ class ExtractionPlan:
     preprocess: Preprocess
     layout: StoreLayout
     description: dict[str, Any] = field(default_factory=dict)
+    weights_payload: bytes | None = None  # random weights, to be kept in the store
+
+    @property
+    def random_weights(self) -> bool:
+        return self.loaded.weights["source"] == "random"
 
     def sizes(self) -> dict[str, int]:
         """Bytes on disk (uncompressed) and memory per batch and per shard buffer."""
@@ -160,6 +166,13 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
         chunk_samples=options.chunk_samples,
         shard_samples=options.shard_samples,
     )
+    payload = None
+    if loaded.weights["source"] == "random":  # kept in the store: never re-drawn
+        from safetensors.torch import save
+
+        state = {k: v.detach().cpu().contiguous() for k, v in loaded.module.state_dict().items()}
+        payload = save(state)
+        loaded.weights["stored"] = WEIGHTS_PATH
     description: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "kind": "activations",
@@ -181,4 +194,6 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
     }
     description = normalize(description)
     description["fingerprint"] = fingerprint(description)
-    return ExtractionPlan(options, loaded, source, capture, preprocess, layout, description)
+    return ExtractionPlan(
+        options, loaded, source, capture, preprocess, layout, description, payload
+    )

@@ -23,7 +23,15 @@ from rba_store.solve.spans import FitOptions, Span, SpanFit, check_spans, fit_na
 from rba_store.store import FITS, Store, StoreLayout, normalize_json
 from rba_store.store.selection import check_tokens, usable_samples
 
-__all__ = ["FitOptions", "SpanFit", "export_safetensors", "fit_spans", "load_fit", "parse_span"]
+__all__ = [
+    "FitOptions",
+    "SpanFit",
+    "export_safetensors",
+    "fit_spans",
+    "load_fit",
+    "parse_span",
+    "save_fit",
+]
 
 
 def _split_holdout(indices: np.ndarray, options: FitOptions) -> tuple[np.ndarray, np.ndarray]:
@@ -165,14 +173,15 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
             "store_fingerprint": store.fingerprint,
         }
         fit = SpanFit(name, span, solution, normalize_json(diagnostics))
-        _save(store, fit)
+        save_fit(store, fit)
         fits.append(fit)
     if options.checkpoint is not None:
         Path(options.checkpoint).unlink(missing_ok=True)  # the fits are saved: no longer needed
     return fits
 
 
-def _save(store: Store, fit: SpanFit) -> None:
+def save_fit(store: Store, fit: SpanFit) -> None:
+    """Save a fit as ``fits/<name>`` in the store (replacing one of the same name)."""
     ds = xr.Dataset(
         {
             "T": (("channel_in", "channel_out"), fit.solution.t),

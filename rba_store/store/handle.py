@@ -30,6 +30,7 @@ from rba_store.store.layout import (
     LEDGER_PATH,
     SAMPLE_DIM,
     SAMPLE_ID,
+    WEIGHTS_PATH,
     StoreLayout,
     compressors,
     dims_of,
@@ -220,6 +221,28 @@ class Store:
                 + describe_differences(self.description, description)
                 + "); re-run with --overwrite to replace it, or choose another --out path"
             )
+
+    # -- model weights kept in the store (random initialisation) -------------------------------
+
+    def write_weights(self, payload: bytes) -> None:
+        """Keep the bytes of a safetensors file of the model's weights in the store."""
+        data = np.frombuffer(payload, dtype=np.uint8)
+        self.writable().group.create_array(
+            WEIGHTS_PATH,
+            shape=data.shape,
+            chunks=(max(1, min(len(data), 16 * 2**20)),),
+            dtype="uint8",
+            dimension_names=("byte",),
+            attributes={"format": "safetensors"},
+        )[:] = data
+
+    def read_weights(self) -> bytes | None:
+        """The safetensors bytes kept by :meth:`write_weights`, or None when there are none."""
+        try:
+            array = self.array(WEIGHTS_PATH)
+        except KeyError:
+            return None
+        return np.asarray(array[:], dtype=np.uint8).tobytes()
 
     # -- ledger --------------------------------------------------------------------------------
 

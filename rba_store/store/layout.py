@@ -29,6 +29,9 @@ ATTRS_KEY = "rba_store"
 LEDGER_PATH = "ledger/shards"
 CLAIMS_GROUP = "claims"
 FEATURES, LABEL, SAMPLE_ID = "features", "label", "sample_id"
+# Weights that come from no file (random initialisation) are kept in the store: the bytes of a
+# safetensors file as a uint8 array, so that every later command rebuilds the very same model.
+WEIGHTS_PATH = "model/weights_safetensors"
 SAMPLE_DIM = "sample"
 CODECS = ("blosc-zstd", "zstd", "blosc-lz4", "none")
 DTYPES = ("float32", "float16")

@@ -1,0 +1,302 @@
+"""``rba-store select``: which spans can go, chosen greedily by measured validation accuracy.
+
+At each step every candidate span (single blocks and spans of up to ``max_span`` blocks, not
+overlapping the spans chosen so far; optionally only the best ``candidates`` by the statistics)
+is replaced by its map on the network with the spans chosen so far, and scored on the
+validation split: top-1 accuracy (tie: agreement with the original). The best is kept, until
+the best would fall more than ``max_drop`` points below the original, or ``max_blocks`` blocks
+are gone. A candidate runs only the blocks after its span: each validation batch is run once
+per step, its residual stream kept at every point. The test split is never used to choose; it
+is measured at the end, for every step of the path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rba_store.approx.evaluate import Classifier, Variant, evaluate_variants, fit_probe
+from rba_store.approx.network import SplitNetwork
+from rba_store.approx.rebuild import held_out_source, rebuild_model
+from rba_store.approx.refit import changed_sources, refit_maps
+from rba_store.approx.surgery import SpanMap
+from rba_store.errors import DataSourceError, UsageError
+from rba_store.extract.data import DataSource, make_preprocess
+from rba_store.solve import Solution
+from rba_store.store import FITS, Store
+
+Span = tuple[int, int]
+MAP_KINDS = ("linear", "identity", "both")
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """Everything ``rba-store select`` can be asked for."""
+
+    max_drop: float = 1.0  # points of validation accuracy below the original
+    max_blocks: int | None = None
+    max_span: int = 2
+    candidates: int | None = None  # only the best K spans by the statistics; None: all
+    maps: str = "linear"  # what replaces a span: linear, identity, or the better of both
+    refit: bool = False
+    rank_by: str = "agreement"  # with the original's predictions, or "accuracy" (noisier)
+    batch_size: int = 256
+    name: str = "select"
+
+    def check(self, n_blocks: int) -> None:
+        if not 0 <= self.max_drop <= 100:
+            raise UsageError(f"--max-drop {self.max_drop} is out of range; pass 0..100 points")
+        if self.max_blocks is not None and not 1 <= self.max_blocks < n_blocks:
+            raise UsageError(
+                f"--max-blocks {self.max_blocks} is out of range; pass 1..{n_blocks - 1}"
+            )
+        if not 1 <= self.max_span <= n_blocks:
+            raise UsageError(f"--max-span {self.max_span} is out of range; pass 1..{n_blocks}")
+        if self.candidates is not None and self.candidates < 1:
+            raise UsageError(f"--candidates {self.candidates} is invalid; pass a positive number")
+        if self.rank_by not in ("agreement", "accuracy"):
+            raise UsageError(f"--rank-by {self.rank_by!r} is not valid; use agreement or accuracy")
+        if self.maps not in MAP_KINDS:
+            raise UsageError(f"--maps {self.maps!r} is not valid; use {', '.join(MAP_KINDS)}")
+        if self.refit and self.maps == "identity":
+            raise UsageError("--refit needs linear maps; drop --maps identity or --refit")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size} is invalid; pass a positive number")
+
+
+@dataclass
+class Step:
+    """One span added to the selection, and the validation figures of the network after it."""
+
+    span: Span
+    kind: str  # "linear" or "identity"
+    blocks_removed: int
+    val_accuracy: float
+    val_agreement: float
+    candidates_tried: int
+
+
+@dataclass
+class Selection:
+    """The path of a greedy selection and what it chose."""
+
+    options: SelectOptions
+    val_samples: int
+    original_val_accuracy: float
+    steps: list[Step] = field(default_factory=list)
+    maps: list[SpanMap] = field(default_factory=list)
+    fit_names: list[str | None] = field(default_factory=list)
+    refitted: dict[Span, Solution] = field(default_factory=dict)
+    stop_reason: str = ""
+
+
+def candidate_spans(store: Store, options: SelectOptions) -> list[Span]:
+    """Every span of up to ``max_span`` blocks, or the best ``candidates`` by the statistics."""
+    n = store.layout.n_blocks
+    if options.candidates is None:
+        return [(a, a + k) for k in range(1, options.max_span + 1) for a in range(n - k + 1)]
+    from rba_store.stats import run_stats
+
+    stats, _ = run_stats(store)
+    ranked = stats.candidates(max_span=options.max_span, top=options.candidates)
+    return [(int(c["span"][0]), int(c["span"][1])) for c in ranked]
+
+
+def original_maps(store: Store, spans: list[Span]) -> dict[Span, SpanMap]:
+    """Maps fitted on the original network (``fits/a-b``, fitted in one pass where missing)."""
+    from rba_store.solve import FitOptions, fit_spans, load_fit
+
+    missing = [(a, b) for a, b in spans if not store.has_analysis(FITS, f"{a}-{b}")]
+    if missing:
+        fit_spans(store, FitOptions(spans=tuple(missing)))
+    maps = {}
+    for a, b in spans:
+        ds = load_fit(store, f"{a}-{b}")
+        maps[(a, b)] = SpanMap((a, b), ds["T"].values, ds["bias"].values)
+    return maps
+
+
+class _Validation:
+    """The validation split in batches, and the original network's predictions on it."""
+
+    def __init__(
+        self, source: DataSource, preprocess: Any, batch_size: int, classifier: Classifier
+    ) -> None:
+        self.labels = np.asarray(source.labels)
+        self.known = self.labels >= 0
+        if not self.known.any():
+            raise DataSourceError("the validation split has no labels; selection needs them")
+        self.batches = [
+            source.load(start, min(start + batch_size, len(source)), preprocess)
+            for start in range(0, len(source), batch_size)
+        ]
+        self.classifier = classifier
+        self.original: np.ndarray | None = None
+
+    def score(self, predicted: np.ndarray) -> tuple[float, float]:
+        accuracy = float((predicted[self.known] == self.labels[self.known]).mean())
+        agreement = 1.0 if self.original is None else float((predicted == self.original).mean())
+        return accuracy, agreement
+
+
+def _try_candidates(
+    net: SplitNetwork, val: _Validation, trials: list[SpanMap]
+) -> list[tuple[float, float]]:
+    """Validation accuracy and agreement of the network with each trial map added."""
+    modules = [m.module() for m in trials]
+    predicted: list[list[np.ndarray]] = [[] for _ in trials]
+    for x in val.batches:
+        points = net.all_points(net.stem(x))
+        for i, (trial, module) in enumerate(zip(trials, modules, strict=True)):
+            a, b = trial.span
+            with torch.inference_mode():
+                h = net.run(module(points[a]), b)
+            predicted[i].append(val.classifier.predict_from(net, h))
+    return [val.score(np.concatenate(p)) for p in predicted]
+
+
+def _best(trials: list[SpanMap], scores: list[tuple[float, float]], rank_by: str) -> int:
+    """The trial with the best validation agreement (or accuracy), then the other, then the
+    longer span."""
+
+    def key(i: int) -> tuple[float, float, int]:
+        accuracy, agreement = scores[i]
+        first, second = (accuracy, agreement) if rank_by == "accuracy" else (agreement, accuracy)
+        return first, second, trials[i].span[1] - trials[i].span[0]
+
+    return max(range(len(trials)), key=key)
+
+
+def _overlaps(span: Span, chosen: list[SpanMap]) -> bool:
+    return any(span[0] < m.span[1] and m.span[0] < span[1] for m in chosen)
+
+
+def select_spans(
+    store: Store | str | Path,
+    options: SelectOptions,
+    checkpoint: str | Path | None = None,
+) -> Selection:
+    """Greedy selection on the validation split (see the module's docstring)."""
+    store = Store.coerce(store)
+    description = store.description
+    options.check(store.layout.n_blocks)
+    loaded = rebuild_model(description["model"], checkpoint, store)
+    model = loaded.module
+    own_head = description["model"]["weights"]["source"] == "embedded"
+    classifier = Classifier("head") if own_head else fit_probe(store)
+    source = held_out_source(description["data"], "val")
+    val = _Validation(source, make_preprocess(loaded.data_config), options.batch_size, classifier)
+    net = SplitNetwork(model)
+    val.original = np.concatenate(
+        [classifier.predict_from(net, net.run(net.stem(x), 0)) for x in val.batches]
+    )
+    base, _ = val.score(val.original)
+    spans = candidate_spans(store, options)
+    fitted = original_maps(store, spans) if options.maps != "identity" else {}
+    selection = Selection(options, len(source), base)
+    limit = options.max_blocks or store.layout.n_blocks - 1
+    removed = 0
+    while True:
+        open_spans = [
+            s for s in spans if not _overlaps(s, net.maps) and removed + s[1] - s[0] <= limit
+        ]
+        if not open_spans:
+            selection.stop_reason = f"no candidate span left within {limit} blocks"
+            break
+        linear = dict(fitted)
+        refits = refit_maps(store, net, changed_sources(net, open_spans)) if options.refit else {}
+        linear |= {span: m for span, (m, _) in refits.items()}
+        trials = []
+        if options.maps in ("linear", "both"):
+            trials += [linear[s] for s in open_spans]
+        if options.maps in ("identity", "both"):
+            trials += [SpanMap(s) for s in open_spans]
+        scores = _try_candidates(net, val, trials)
+
+        best = _best(trials, scores, options.rank_by)
+        accuracy, agreement = scores[best]
+        if accuracy < base - options.max_drop / 100 - 1e-12:
+            a, b = trials[best].span
+            selection.stop_reason = (
+                f"the best next span ({a}:{b}) would leave {100 * accuracy:.2f}% validation "
+                f"accuracy, more than {options.max_drop:g} point"
+                f"{'' if options.max_drop == 1 else 's'} below {100 * base:.2f}%"
+            )
+            break
+        chosen = trials[best]
+        net = net.with_map(chosen)
+        removed += chosen.span[1] - chosen.span[0]
+        kind = "identity" if chosen.t is None else "linear"
+        selection.steps.append(Step(chosen.span, kind, removed, accuracy, agreement, len(trials)))
+        selection.maps.append(chosen)
+        a, b = chosen.span
+        if kind == "identity":
+            selection.fit_names.append(None)
+        elif chosen.span in refits:
+            selection.fit_names.append(f"{options.name}-{a}-{b}")
+            selection.refitted[chosen.span] = refits[chosen.span][1]
+        else:
+            selection.fit_names.append(f"{a}-{b}")
+        if removed >= limit:
+            selection.stop_reason = f"--max-blocks {limit} reached"
+            break
+    _save_refitted(store, selection)
+    return selection
+
+
+def _save_refitted(store: Store, selection: Selection) -> None:
+    """Save the re-fitted maps of a selection as fits, so that ``apply`` can use them."""
+    from rba_store.solve.fit import SpanFit, save_fit
+    from rba_store.store import normalize_json
+
+    for m, name in zip(selection.maps, selection.fit_names, strict=True):
+        solution = selection.refitted.get(m.span)
+        if name is None or solution is None:
+            continue
+        diagnostics = {
+            "rows": solution.n_rows,
+            "method": solution.method,
+            "condition_number": solution.cond,
+            "rank": solution.rank,
+            "notes": solution.notes,
+            "refit": "X from the network with the earlier spans of the selection replaced",
+            "selection": selection.options.name,
+            "store_fingerprint": store.fingerprint,
+        }
+        save_fit(store.writable(), SpanFit(name, m.span, solution, normalize_json(diagnostics)))
+
+
+def evaluate_path(
+    store: Store, selection: Selection, checkpoint: str | Path | None = None
+) -> dict[str, Any]:
+    """Test-split figures of the original and of the network after every step of the path,
+    with the same spans dropped (identity) next to it."""
+    variants = []
+    for k, step in enumerate(selection.steps, start=1):
+        maps = selection.maps[:k]
+        variants.append(Variant(f"selected -{step.blocks_removed}", list(maps)))
+        if any(m.t is not None for m in maps):
+            identity = [SpanMap(m.span) for m in maps]
+            variants.append(Variant(f"identity -{step.blocks_removed}", identity))
+    test = held_out_source(store.description["data"], "test")
+    return evaluate_variants(
+        store,
+        variants,
+        checkpoint=checkpoint,
+        batch_size=selection.options.batch_size,
+        source=test,
+    )
+
+
+def to_json(selection: Selection) -> dict[str, Any]:
+    return {
+        "options": asdict(selection.options),
+        "val_samples": selection.val_samples,
+        "original_val_accuracy": selection.original_val_accuracy,
+        "steps": [asdict(s) | {"span": list(s.span)} for s in selection.steps],
+        "stop_reason": selection.stop_reason,
+    }

@@ -1,0 +1,126 @@
+"""``rba-store select``: which spans can go, chosen greedily on the validation split."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rba_store.cli.app import JsonOpt, StoreArg, app, check_folder
+from rba_store.errors import Interrupted
+
+
+class Maps(str, Enum):
+    linear = "linear"
+    identity = "identity"
+    both = "both"
+
+
+class RankBy(str, Enum):
+    agreement = "agreement"
+    accuracy = "accuracy"
+
+
+@app.command()
+def select(
+    store: StoreArg,
+    max_drop: Annotated[
+        float, typer.Option(help="Stop before validation accuracy falls more points than this.")
+    ] = 1.0,
+    max_blocks: Annotated[int | None, typer.Option(help="Remove at most this many blocks.")] = None,
+    max_span: Annotated[int, typer.Option(help="Longest span (blocks) one map replaces.")] = 2,
+    candidates: Annotated[
+        int | None, typer.Option(help="Try only the best K spans by the statistics [all].")
+    ] = None,
+    maps: Annotated[Maps, typer.Option(help="What replaces a span.")] = Maps.linear,
+    rank_by: Annotated[
+        RankBy,
+        typer.Option(help="Keep the candidate with the best validation agreement or accuracy."),
+    ] = RankBy.agreement,
+    refit: Annotated[
+        bool, typer.Option(help="Fit each next map on the network with earlier spans replaced.")
+    ] = False,
+    name: Annotated[str, typer.Option(help="Name of the selection (and of re-fitted maps).")] = (
+        "select"
+    ),
+    out: Annotated[
+        Path | None, typer.Option(help="Selection file for 'apply --selection' [STORE.NAME.json].")
+    ] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write select.png into this folder.")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="The model's weights file, if it has moved.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Validation images per batch.")] = 256,
+    as_json: JsonOpt = False,
+) -> None:
+    """Greedy span selection by validation accuracy; test accuracy, size and speed of the path."""
+    from rba_store.approx.select import SelectOptions, evaluate_path, select_spans, to_json
+    from rba_store.approx.selection_io import write_selection, write_selection_plot
+    from rba_store.store import Store, analysis_path
+
+    check_folder(plots, "--plots")
+    analysis_path("fits", name)  # a valid name, before any work
+    opened = Store.open(store)
+    options = SelectOptions(
+        max_drop=max_drop,
+        max_blocks=max_blocks,
+        max_span=max_span,
+        candidates=candidates,
+        maps=maps.value,
+        refit=refit,
+        rank_by=rank_by.value,
+        batch_size=batch_size,
+        name=name,
+    )
+    try:
+        selection = select_spans(opened, options, checkpoint)
+        report = evaluate_path(opened, selection, checkpoint)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted: no selection was written (maps fitted so far are kept as fits/a-b "
+            "and reused); re-run the same command"
+        ) from None
+    out = out or Path(store).with_name(f"{Path(store).stem}.{name}.json")
+    written = write_selection(opened, selection, report, out)
+    plot = None
+    if plots is not None:
+        plot = write_selection_plot(selection, report, plots / "select.png", title=str(store))
+    if as_json:
+        typer.echo(
+            json.dumps(to_json(selection) | {"test": report, "file": str(written)}, indent=2)
+        )
+        return
+    typer.echo(_format(selection, report))
+    typer.echo(f"saved {written} (apply it with: rba-store apply {store} --selection {written})")
+    if plot:
+        typer.echo(f"plot: {plot}")
+
+
+def _format(selection: Any, report: dict[str, Any]) -> str:
+    rows = {v["name"]: v for v in report["variants"]}
+    original = rows["original"]
+    lines = [
+        f"greedy selection on {selection.val_samples} validation images "
+        f"(original {100 * selection.original_val_accuracy:.2f}%); "
+        f"test: {report['test_samples']} images, {report['classifier']}",
+        f"{'step':>4} {'span':>6} {'map':<9} {'removed':>7} {'val acc':>8} {'val agree':>9} "
+        f"{'test acc':>8} {'identity':>8} {'params':>9} {'MFLOPs':>7} {'img/s':>7}",
+        f"{0:>4} {'-':>6} {'-':<9} {0:>7} {100 * selection.original_val_accuracy:>7.2f}% "
+        f"{100.0:>8.1f}% {100 * original['accuracy']:>7.2f}% {'':>8} {original['params']:>9,} "
+        f"{original['flops'] / 1e6:>7.2f} {original['images_per_s']:>7,.0f}",
+    ]
+    for i, step in enumerate(selection.steps, start=1):
+        row = rows[f"selected -{step.blocks_removed}"]
+        ident = rows.get(f"identity -{step.blocks_removed}")
+        ident_acc = f"{100 * ident['accuracy']:>7.2f}%" if ident else f"{'-':>8}"
+        lines.append(
+            f"{i:>4} {f'{step.span[0]}:{step.span[1]}':>6} {step.kind:<9} {step.blocks_removed:>7} "
+            f"{100 * step.val_accuracy:>7.2f}% {100 * step.val_agreement:>8.1f}% "
+            f"{100 * row['accuracy']:>7.2f}% {ident_acc} {row['params']:>9,} "
+            f"{row['flops'] / 1e6:>7.2f} {row['images_per_s']:>7,.0f}"
+        )
+    lines.append(f"stopped: {selection.stop_reason}")
+    return "\n".join(lines)
