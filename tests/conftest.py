@@ -1,18 +1,15 @@
-"""Shared fixtures: offline hub, a cache for the embedded default's weights, small stores."""
+"""Shared fixtures: offline hub, the embedded default's shipped weights, small stores."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
 
 # No network in tests: timm's hub lookups fail fast instead of retrying for ~46 s.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# The embedded default is trained once (about a minute) and cached; reuse a cache if one is set.
-os.environ.setdefault("RBA_STORE_CACHE", str(Path(tempfile.gettempdir()) / "rba-store-test-cache"))
 
 
 def tree_digest(path: Path) -> str:
