@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from rba_store import store as rs
+from rba_store.store.layout import encode_sample_ids
 
 
 class ActivationModel:
@@ -102,7 +103,9 @@ def write_store(
         for k, values in enumerate(points):
             store.point(k)[start:stop] = values
         store.array(rs.FEATURES)[start:stop] = points[-1][:, 0]
-        store.array(rs.SAMPLE_ID)[start:stop] = np.array([f"s{i}" for i in range(start, stop)])
+        ids = [f"s{i}" for i in range(start, stop)]
+        width = store.array(rs.SAMPLE_ID).shape[1]
+        store.array(rs.SAMPLE_ID)[start:stop] = encode_sample_ids(ids, width)
         store.array(rs.LABEL)[start:stop] = np.zeros(stop - start, np.int64)
         store.mark_shard_complete(shard)
     store.consolidate()

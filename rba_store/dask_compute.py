@@ -10,7 +10,7 @@ from typing import Any
 import dask
 from dask.delayed import Delayed
 
-from rba_store.errors import UsageError
+from rba_store.errors import NotFoundError, UsageError
 
 
 def tree_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any]) -> Delayed:
@@ -33,7 +33,7 @@ def dask_client(scheduler: str | None = None, scheduler_file: str | None = None)
     except ImportError as e:  # pragma: no cover - distributed is a dependency
         raise UsageError("--scheduler needs dask.distributed: pip install distributed") from e
     if scheduler_file is not None and not os.path.isfile(scheduler_file):
-        raise UsageError(
+        raise NotFoundError(
             f"--scheduler-file {scheduler_file!r} does not exist; start a scheduler with "
             f"'dask scheduler --scheduler-file {scheduler_file}' first"
         )

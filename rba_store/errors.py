@@ -2,7 +2,15 @@
 
 Every error the library raises on bad input derives from :class:`RBAStoreError` and from the
 builtin that best describes it, so callers can catch either. The CLI turns them into one line on
-stderr and a non-zero exit code.
+stderr and the error's ``exit_code``:
+
+- **2, a usage error**: the command line cannot be carried out as written: a malformed or
+  invalid option value, options that exclude each other, or something it names that does not
+  exist (a store, file, folder, model, split, fit or statistics). The fix is in the command line.
+- **1, everything else**: the command was valid, but what it found stops it: a store that is
+  incomplete, corrupt, from a newer format or made with another configuration, unreadable images
+  or weights, NaN/Inf, a full disk or a read-only folder.
+- **130**: interrupted (Ctrl-C); the message says what was kept and how to go on.
 """
 
 from __future__ import annotations
@@ -11,9 +19,17 @@ from __future__ import annotations
 class RBAStoreError(Exception):
     """Base class of every error raised by rba-store on bad input or a bad store."""
 
+    exit_code = 1
+
 
 class UsageError(RBAStoreError, ValueError):
-    """An option or argument has a value that cannot work."""
+    """An option or argument has a value that cannot work (exit code 2)."""
+
+    exit_code = 2
+
+
+class NotFoundError(UsageError, FileNotFoundError):
+    """A path named on the command line does not exist, or is not what it should be."""
 
 
 class DataSourceError(RBAStoreError, ValueError):
@@ -25,7 +41,7 @@ class ModelError(RBAStoreError, ValueError):
 
 
 class StoreError(RBAStoreError, OSError):
-    """A path is not an rba-store store, or the store is unreadable or from a newer format."""
+    """A store is unreadable or from a newer format."""
 
 
 class ConfigMismatchError(RBAStoreError, ValueError):
@@ -40,8 +56,22 @@ class NonFiniteError(RBAStoreError, ValueError):
     """Stored activations hold NaN or Inf."""
 
 
+class UnknownModelError(ModelError, UsageError):
+    """A model name that timm does not know."""
+
+    exit_code = 2
+
+
+class UnknownSplitError(DataSourceError, UsageError):
+    """A data split that the source does not have."""
+
+    exit_code = 2
+
+
 class Interrupted(RBAStoreError):
     """The user stopped a command (Ctrl-C); the message says what is kept and how to resume."""
+
+    exit_code = 130
 
 
 def describe_os_error(error: OSError) -> str:

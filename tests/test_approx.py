@@ -176,7 +176,7 @@ def test_bad_input(
 ) -> None:
     before = tree_digest(small_store)
     code, _, err = run_cli(capsys, "evaluate", small_store)
-    assert code == 1 and "nothing to evaluate" in err and len(err.splitlines()) == 1
+    assert code == 2 and "nothing to evaluate" in err and len(err.splitlines()) == 1
     code, _, err = run_cli(
         capsys,
         "apply",
@@ -188,9 +188,9 @@ def test_bad_input(
         "--out",
         tmp_path / "m",
     )
-    assert code == 1 and "overlap" in err and not (tmp_path / "m").exists()
+    assert code == 2 and "overlap" in err and not (tmp_path / "m").exists()
     code, _, err = run_cli(capsys, "apply", fitted_store, "--fit", "nope", "--out", tmp_path / "m")
-    assert code == 1 and "no fit 'nope'" in err
+    assert code == 2 and "no fit 'nope'" in err
     assert tree_digest(small_store) == before
 
 

@@ -27,72 +27,79 @@ S = "{store}"
 N = "{newer}"
 T = "{tmp}"
 
-# (setup, argv, words the error line must contain)
+# (setup, argv, exit code, words the error line must contain). The exit code rule: 2 when the
+# command line cannot be carried out as written (invalid values, excluding options, names of
+# things that do not exist), 1 when what it found stops a valid command (see rba_store.errors).
 BAD = [
     # info
-    (None, ["info", f"{T}/absent.zarr"], "does not exist; create it with 'rba-store extract'"),
-    (None, ["info", f"{T}/notes.txt"], "is not an rba-store store"),
-    (None, ["info", S, "--jsn"], "No such option: --jsn (Possible options: --json)"),
-    (None, ["info", N], "format version 99, newer than this rba-store reads (1)"),
+    (None, ["info", f"{T}/absent.zarr"], 2, "does not exist; create it with 'rba-store extract'"),
+    (None, ["info", f"{T}/notes.txt"], 2, "is a file, not a store (a folder)"),
+    (None, ["info", S, "--jsn"], 2, "No such option: --jsn (Possible options: --json)"),
+    (None, ["info", N], 1, "format version 99, newer than this rba-store reads (1)"),
     # stats
-    (None, ["stats", S, "--limit", "abc"], "Invalid value for '--limit'"),
-    (None, ["stats", S, "--limit", "500"], "--limit 500 is out of range for"),
-    (None, ["stats", S, "--sample", "-3"], "--sample -3 is out of range"),
-    (None, ["stats", S, "--max-span", "0"], "must be positive numbers"),
-    (None, ["stats", S, "--name", "../evil"], "name '../evil' is not valid"),
-    (None, ["stats", S, "--limit", "5", "--sample", "5"], "exclude each other; pass only one"),
-    (None, ["stats", S, "--plots", f"{T}/notes.txt"], "is a file; pass a folder"),
-    (None, ["stats", N], "newer than this rba-store reads"),
-    ("incomplete", ["stats", S, "--overwrite"], "2/3 shards (30/50 samples)"),
-    ("read-only", ["stats", S, "--overwrite"], "is read-only (Permission denied); make it"),
-    ("full-disk", ["stats", S, "--overwrite"], "no space left on the device writing"),
+    (None, ["stats", S, "--limit", "abc"], 2, "Invalid value for '--limit'"),
+    (None, ["stats", S, "--limit", "500"], 2, "--limit 500 is out of range for"),
+    (None, ["stats", S, "--sample", "-3"], 2, "--sample -3 is out of range"),
+    (None, ["stats", S, "--max-span", "0"], 2, "must be positive numbers"),
+    (None, ["stats", S, "--name", "../evil"], 2, "name '../evil' is not valid"),
+    (None, ["stats", S, "--limit", "5", "--sample", "5"], 2, "exclude each other; pass only one"),
+    (None, ["stats", S, "--plots", f"{T}/notes.txt"], 2, "is a file; pass a folder"),
+    (None, ["stats", N], 1, "newer than this rba-store reads"),
+    ("incomplete", ["stats", S, "--overwrite"], 1, "2/3 shards (30/50 samples)"),
+    ("read-only", ["stats", S, "--overwrite"], 1, "is read-only (Permission denied); make it"),
+    ("full-disk", ["stats", S, "--overwrite"], 1, "no space left on the device writing"),
     # fit
-    (None, ["fit", S, "--span", "4-6"], "--span '4-6' is not of the form a:b"),
-    (None, ["fit", S, "--span", "6:4"], "span 6:4 is out of range"),
-    (None, ["fit", S, "--span", "0:13"], "pass a:b with 0 <= a < b <= 12"),
-    (None, ["fit", S, "--span", "4:6", "--name", "f46"], "pass --overwrite to replace it"),
-    (None, ["fit", S, "--auto", "0"], "--auto 0 is invalid"),
-    (None, ["fit", S, "--auto", "2", "--stats", "nope"], "has no stats/nope; run"),
-    (None, ["fit", S, "--span", "2:3", "--eval-store", f"{T}/absent.zarr"], "does not exist"),
-    (None, ["fit", S, "--span", "2:3", "--eval-store", N], "newer than this rba-store"),
-    (None, ["fit", S, "--span", "2:3", "--holdout", "0.2", "--eval-store", S], "exclude"),
-    (None, ["fit", S, "--span", "2:3", "--gemm", "float16"], "Invalid value for '--gemm'"),
-    (None, ["fit", S, "--span", "2:3", "--checkpoint-every", "-1"], "pass seconds >= 0"),
-    (None, ["fit", S, "--span", "2:3", "--checkpoint", T], "is a folder; pass a file path"),
-    (None, ["fit", S, "--span", "2:3", "--ridge", "nan"], "--ridge nan is invalid"),
-    (None, ["fit", S, "--span", "1:2", "--limit", "3"], "underdetermined; pass --ridge"),
-    (None, ["fit", S, "--span", "2:3", "--scheduler-file", f"{T}/none.json"], "dask scheduler"),
-    ("incomplete", ["fit", S, "--span", "2:3"], "--allow-incomplete"),
-    ("read-only", ["fit", S, "--span", "2:3"], "is read-only (Permission denied); make it"),
-    ("full-disk", ["fit", S, "--span", "2:3"], "no space left on the device writing"),
+    (None, ["fit", S, "--span", "4-6"], 2, "--span '4-6' is not of the form a:b"),
+    (None, ["fit", S, "--span", "6:4"], 2, "span 6:4 is out of range"),
+    (None, ["fit", S, "--span", "0:13"], 2, "pass a:b with 0 <= a < b <= 12"),
+    (None, ["fit", S, "--span", "4:6", "--name", "f46"], 2, "pass --overwrite to replace it"),
+    (None, ["fit", S, "--auto", "0"], 2, "--auto 0 is invalid"),
+    (None, ["fit", S, "--auto", "2", "--stats", "nope"], 2, "has no stats/nope; run"),
+    (None, ["fit", S, "--span", "2:3", "--eval-store", f"{T}/absent.zarr"], 2, "does not exist"),
+    (None, ["fit", S, "--span", "2:3", "--eval-store", N], 1, "newer than this rba-store"),
+    (None, ["fit", S, "--span", "2:3", "--holdout", "0.2", "--eval-store", S], 2, "exclude"),
+    (None, ["fit", S, "--span", "2:3", "--gemm", "float16"], 2, "Invalid value for '--gemm'"),
+    (None, ["fit", S, "--span", "2:3", "--checkpoint-every", "-1"], 2, "pass seconds >= 0"),
+    (None, ["fit", S, "--span", "2:3", "--checkpoint", T], 2, "is a folder; pass a file path"),
+    (None, ["fit", S, "--span", "2:3", "--ridge", "nan"], 2, "--ridge nan is invalid"),
+    (None, ["fit", S, "--span", "1:2", "--limit", "3"], 2, "underdetermined; pass --ridge"),
+    (None, ["fit", S, "--span", "2:3", "--scheduler-file", f"{T}/none.json"], 2, "dask scheduler"),
+    ("incomplete", ["fit", S, "--span", "2:3"], 1, "--allow-incomplete"),
+    ("read-only", ["fit", S, "--span", "2:3"], 1, "is read-only (Permission denied); make it"),
+    ("full-disk", ["fit", S, "--span", "2:3"], 1, "no space left on the device writing"),
     # apply
-    (None, ["apply", S, "--out", f"{T}/out"], "nothing to apply; pass --fit NAME"),
-    (None, ["apply", S, "--out", f"{T}/out", "--fit", "nope"], "no fit 'nope' in"),
-    (None, ["apply", S, "--out", f"{T}/out", "--identity", "3:2"], "pass a:b with 0 <= a < b"),
-    (None, ["apply", S, "--fit", "f46"], "Missing option '--out'"),
-    (None, ["apply", S, "--out", f"{T}/notes.txt", "--fit", "f46"], "is a file; pass a folder"),
-    (None, ["apply", S, "--out", f"{T}/o", "--fit", "f46", "--identity", "5:7"], "overlap"),
+    (None, ["apply", S, "--out", f"{T}/out"], 2, "nothing to apply; pass --fit NAME"),
+    (None, ["apply", S, "--out", f"{T}/out", "--fit", "nope"], 2, "no fit 'nope' in"),
+    (None, ["apply", S, "--out", f"{T}/out", "--identity", "3:2"], 2, "pass a:b with 0 <= a < b"),
+    (None, ["apply", S, "--fit", "f46"], 2, "Missing option '--out'"),
+    (None, ["apply", S, "--out", f"{T}/notes.txt", "--fit", "f46"], 2, "is a file; pass a folder"),
+    (None, ["apply", S, "--out", f"{T}/o", "--fit", "f46", "--identity", "5:7"], 2, "overlap"),
     # evaluate
-    (None, ["evaluate", S], "nothing to evaluate in"),
-    (None, ["evaluate", S, "--fit", "nope"], "no fit 'nope' in"),
-    (None, ["evaluate", S, "--identity", "0:99"], "span 0:99 is out of range"),
-    (None, ["evaluate", S, "--fit", "f46", "--batch-size", "0"], "--batch-size 0 is invalid"),
-    (None, ["evaluate", S, "--auto", "--max-blocks", "0"], "--max-blocks 0 is invalid"),
-    (None, ["evaluate", S, "--fit", "f46", "--checkpoint", f"{T}/none.pth"], "none.pth' does not"),
+    (None, ["evaluate", S], 2, "nothing to evaluate in"),
+    (None, ["evaluate", S, "--fit", "nope"], 2, "no fit 'nope' in"),
+    (None, ["evaluate", S, "--identity", "0:99"], 2, "span 0:99 is out of range"),
+    (None, ["evaluate", S, "--fit", "f46", "--batch-size", "0"], 2, "--batch-size 0 is invalid"),
+    (None, ["evaluate", S, "--auto", "--max-blocks", "0"], 2, "--max-blocks 0 is invalid"),
+    (
+        None,
+        ["evaluate", S, "--fit", "f46", "--checkpoint", f"{T}/none.pth"],
+        2,
+        "none.pth' does not",
+    ),
     # validate
-    (None, ["validate", f"{T}/absent.zarr"], "does not exist"),
-    (None, ["validate", S, "--fix"], "No such option: --fix"),
-    (None, ["validate", N], "newer than this rba-store reads"),
+    (None, ["validate", f"{T}/absent.zarr"], 2, "does not exist"),
+    (None, ["validate", S, "--fix"], 2, "No such option: --fix"),
+    (None, ["validate", N], 1, "newer than this rba-store reads"),
     # extract
-    (None, ["extract", "--out", S, "--limit", "20"], "different configuration"),
-    (None, ["extract", "--out", N, "--limit", "50"], "newer than this rba-store reads"),
-    (None, ["extract", "--out", f"{T}/notes.txt"], "exists and is not an rba-store store"),
-    (None, ["extract", "--out", S, "--num-workers", "0"], "--num-workers 0 is invalid"),
-    (None, ["extract", "--out", S, "--num-workers", "2", "--worker-index", "2"], "pass 0..1"),
-    (None, ["extract", "--out", S, "--clevel", "12"], "out of range for --codec blosc-zstd"),
-    (None, ["extract", "--out", S, "--chunk-mb", "0"], "--chunk-mb 0.0 is invalid"),
-    ("full-disk", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], "no space left"),
-    ("read-only", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], "is read-only"),
+    (None, ["extract", "--out", S, "--limit", "20"], 1, "different configuration"),
+    (None, ["extract", "--out", N, "--limit", "50"], 1, "newer than this rba-store reads"),
+    (None, ["extract", "--out", f"{T}/notes.txt"], 1, "exists and is not an rba-store store"),
+    (None, ["extract", "--out", S, "--num-workers", "0"], 2, "--num-workers 0 is invalid"),
+    (None, ["extract", "--out", S, "--num-workers", "2", "--worker-index", "2"], 2, "pass 0..1"),
+    (None, ["extract", "--out", S, "--clevel", "12"], 2, "out of range for --codec blosc-zstd"),
+    (None, ["extract", "--out", S, "--chunk-mb", "0"], 2, "--chunk-mb 0.0 is invalid"),
+    ("full-disk", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], 1, "no space left"),
+    ("read-only", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], 1, "is read-only"),
 ]
 
 
@@ -113,10 +120,11 @@ def _fail_writes(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
     monkeypatch.setattr(zarr_local, "_put", refuse)
 
 
-@pytest.mark.parametrize(("setup", "argv", "words"), BAD, ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize(("setup", "argv", "exit_code", "words"), BAD, ids=lambda v: str(v)[:40])
 def test_bad_invocation_is_one_line_and_leaves_stores_byte_identical(
     setup: str | None,
     argv: list[str],
+    exit_code: int,
     words: str,
     analysed_store: Path,
     tmp_path: Path,
@@ -141,7 +149,7 @@ def test_bad_invocation_is_one_line_and_leaves_stores_byte_identical(
     code = main(args)
     err = capsys.readouterr().err
 
-    assert code != 0
+    assert code == exit_code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("rba-store: error: ") and "Traceback" not in err
@@ -152,6 +160,6 @@ def test_bad_invocation_is_one_line_and_leaves_stores_byte_identical(
 
 
 def test_the_table_covers_every_command_with_at_least_30_cases() -> None:
-    commands = {argv[0] for _, argv, _ in BAD}
+    commands = {argv[0] for _, argv, _, _ in BAD}
     assert commands == {"extract", "info", "stats", "fit", "apply", "evaluate", "validate"}
     assert len(BAD) >= 30

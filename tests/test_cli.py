@@ -87,7 +87,7 @@ BAD_INVOCATIONS = [
     (["--data", "{tmp}/empty"], "no images found in"),
     (["--tokens", "some"], "Invalid value for '--tokens'"),
     (["--data", "{tmp}/notes.txt"], "is neither a folder nor a .npz file"),
-    (["--data", "{tmp}/corrupt"], "cannot read image '{tmp}/corrupt/a/broken.png'"),
+    (["--data", "{tmp}/corrupt"], "1 image in '{tmp}/corrupt' cannot be read: a/broken.png;"),
     (["--batch-size", "0"], "--batch-size 0 is invalid"),
     (["--limit", "0"], "--limit 0 is invalid"),
     (["--checkpoint", "{tmp}/nope.pth"], "checkpoint '{tmp}/nope.pth' does not exist"),
@@ -118,7 +118,7 @@ def test_bad_extract_input_is_one_line_and_store_intact(
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
     out = store_copy
     if "--data" in argv and "corrupt" in argv[argv.index("--data") + 1]:
-        # fails mid-run (the first image is fine): into a new store, the existing one untouched
+        # checked before anything is written: no new store, the existing one untouched
         argv += ["--model", "test_vit"]
         out = tmp_path / "new.zarr"
     code, _, err = run_cli(
@@ -131,6 +131,7 @@ def test_bad_extract_input_is_one_line_and_store_intact(
     assert message.replace("{tmp}", str(tmp_path)) in lines[0]
     assert "Traceback" not in err
     assert tree_digest(store_copy) == before
+    assert not (tmp_path / "new.zarr").exists()
 
 
 def test_pretrained_offline_fails_fast_and_suggests_checkpoint(
@@ -149,10 +150,10 @@ def test_pretrained_offline_fails_fast_and_suggests_checkpoint(
 def test_info_on_something_that_is_not_a_store(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, _, err = run_cli(capsys, "info", tmp_path)
-    assert code == 1 and "is not an rba-store store" in err
+    code, _, err = run_cli(capsys, "info", tmp_path)  # usage errors: a path that is no store
+    assert code == 2 and "is not an rba-store store" in err
     code, _, err = run_cli(capsys, "info", tmp_path / "absent.zarr")
-    assert code == 1 and "does not exist" in err
+    assert code == 2 and "does not exist" in err
 
 
 def test_newer_format_version_is_refused(
@@ -167,7 +168,7 @@ def test_newer_format_version_is_refused(
 
 def test_verbose_shows_the_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run_cli(capsys, "info", tmp_path / "absent.zarr", "--verbose")
-    assert code == 1 and "Traceback" in err and err.strip().endswith("'rba-store extract'")
+    assert code == 2 and "Traceback" in err and err.strip().endswith("'rba-store extract'")
 
 
 def test_console_script_runs_in_a_fresh_process(tmp_path: Path) -> None:
@@ -177,5 +178,5 @@ def test_console_script_runs_in_a_fresh_process(tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2  # a path that is no store: a usage error
     assert result.stderr.count("\n") == 1 and "not an rba-store store" in result.stderr

@@ -150,7 +150,7 @@ def test_bad_select_options_are_refused_in_one_line(
 ) -> None:
     before = tree_digest(select_store)
     code, _, err = run_cli(capsys, "select", select_store, *args)
-    assert code == 1 and message in err and len(err.splitlines()) == 1, err
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert tree_digest(select_store) == before
 
 
@@ -162,4 +162,4 @@ def test_a_selection_of_another_store_is_refused(
     code, _, err = run_cli(
         capsys, "apply", select_store, "--selection", other, "--out", tmp_path / "m"
     )
-    assert code == 1 and "was made on another store" in err
+    assert code == 2 and "was made on another store" in err

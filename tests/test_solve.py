@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 
 from rba_store.cli import main
 from rba_store.errors import NonFiniteError, UsageError
-from rba_store.solve import FitOptions, NormalEquations, export_safetensors, fit_spans, solve
+from rba_store.solve import (
+    FitOptions,
+    NormalEquations,
+    export_safetensors,
+    fit_spans,
+    load_fit,
+    solve,
+)
 from rba_store.solve._backend import gpu_available, to_numpy
 from rba_store.store.selection import SampleSelection
 from tests.conftest import tree_digest
@@ -115,8 +122,11 @@ def test_float32_gemm_costs_little_accuracy() -> None:
     x, y, _ = synthetic()
     f64 = solve(accumulate(x, y, [0, 997], np), bias=True)
     ne32 = NormalEquations.from_chunk(x, y, np, gemm_dtype="float32")
-    f32 = solve(ne32, bias=True)
-    assert 1e-12 < rel_err(f32.t, f64.t) < 1e-4  # measurably different, still accurate
+    f32 = solve(ne32, bias=True, gemm_dtype="float32")
+    measured = rel_err(f32.t, f64.t)
+    assert 1e-12 < measured < 1e-4  # measurably different, still accurate
+    assert f64.gemm_error is None and f32.gemm_error is not None
+    assert measured < f32.gemm_error < 1000 * measured
 
 
 # -- on a store ---------------------------------------------------------------------------------
@@ -154,6 +164,39 @@ def test_fit_from_store_equals_lstsq_on_rows_in_memory(store: Path) -> None:
     np.testing.assert_array_equal(ds["T"].values, fits[1].solution.t)
     assert ds.attrs["span"] == [4, 6] and ds.attrs["options"]["bias"] is False
     assert not ds["bias"].values.any()
+
+
+def test_float32_fit_reports_its_expected_error(tmp_path: Path, small_store: Path) -> None:
+    """On real activations the reported error bounds the measured change of T, not loosely."""
+    spans = ((0, 1), (3, 6), (8, 11), (10, 11))
+    fits = {}
+    for gemm in ("float64", "float32"):
+        for ridge in (0.0, 100.0):  # badly conditioned (1e4-1e6; h0 singular); well (about 1.2)
+            copy = tmp_path / f"{gemm}-{ridge}.zarr"
+            shutil.copytree(small_store, copy)
+            options = FitOptions(spans=spans, gemm_dtype=gemm, ridge=ridge)
+            for fit in fit_spans(copy, options):
+                fits[gemm, ridge, fit.span] = fit
+    checked = set()
+    for (gemm, ridge, span), f64 in fits.items():
+        if gemm == "float32":
+            continue
+        assert "gemm_expected_relative_error" not in f64.diagnostics
+        f32 = fits["float32", ridge, span]
+        expected = f32.diagnostics["gemm_expected_relative_error"]
+        saved = load_fit(tmp_path / f"float32-{ridge}.zarr", f32.name)
+        assert saved.attrs["gemm_expected_relative_error"] == expected
+        warned = [n for n in f32.diagnostics["notes"] if n.startswith("--gemm float32")]
+        if span == (0, 1) and not ridge:  # h0 is singular: float32 T is meaningless
+            assert expected == "inf" and len(warned) == 1
+            continue
+        measured = rel_err(f32.solution.t, f64.solution.t)
+        assert measured < expected < 1000 * measured, (span, ridge, measured, expected)
+        assert len(warned) == (1 if expected > 1e-6 else 0), (span, ridge, expected)
+        checked.add(expected > 1e-6)
+        if warned:
+            assert f"expected relative error of T about {expected:.2g}" in warned[0]
+    assert checked == {True, False}  # both sides of the 1e-6 threshold were exercised
 
 
 def test_bias_cls_and_limit_options(store: Path) -> None:
@@ -215,10 +258,14 @@ def test_eval_store_gives_held_out_rows(store: Path, tmp_path: Path) -> None:
     assert fit.diagnostics["heldout"]["source"]["kind"] == "eval_store"
 
 
-def test_existing_fit_is_refused_then_overwritten(store: Path) -> None:
-    fit_spans(store, FitOptions(spans=((1, 2),)))
-    with pytest.raises(UsageError, match=r"fit '1-2' already exists .*--overwrite"):
-        fit_spans(store, FitOptions(spans=((1, 2),), bias=False))
+def test_existing_fit_is_reused_refused_or_overwritten(store: Path) -> None:
+    (first,) = fit_spans(store, FitOptions(spans=((1, 2),)))
+    (same,) = fit_spans(store, FitOptions(spans=((1, 2),), bias=False))  # as evaluate --auto does
+    assert same.reused and not first.reused
+    np.testing.assert_array_equal(same.solution.t, first.solution.t)
+    assert same.diagnostics["rows"] == first.diagnostics["rows"]
+    with pytest.raises(UsageError, match=r"fit '1-2' already exists .*other options.*--overwrite"):
+        fit_spans(store, FitOptions(spans=((1, 2),), name="1-2", ridge=1e-3))
     (again,) = fit_spans(store, FitOptions(spans=((1, 2),), name="1-2", bias=True, overwrite=True))
     assert xr.open_zarr(store, group="fits/1-2").attrs["options"]["bias"] is True
     assert again.name == "1-2"
@@ -283,7 +330,7 @@ def test_cli_fit_json_and_auto(
     store: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     code, out, err = run_cli(capsys, "fit", store, "--auto", "2", "--holdout", "0.2", "--json")
-    assert code == 1 and "run 'rba-store stats" in err
+    assert code == 2 and "run 'rba-store stats" in err
     assert run_cli(capsys, "stats", store)[0] == 0
     code, out, err = run_cli(
         capsys,

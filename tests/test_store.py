@@ -15,7 +15,7 @@ import zarr
 from dask.base import tokenize
 
 from rba_store.cli import main
-from rba_store.errors import StoreError
+from rba_store.errors import NotFoundError
 from rba_store.store import FITS, STATS, Store
 
 DATA = Path(__file__).parent / "data"
@@ -75,7 +75,7 @@ def test_the_handle_coerces_pickles_and_tokenizes(small_store: Path) -> None:
     assert copy.fingerprint == store.fingerprint and copy.mode == "r"
     assert tokenize(store) == tokenize(Store.open(small_store))
     np.testing.assert_array_equal(copy.point(3)[:5], store.point(3)[:5])
-    with pytest.raises(StoreError, match="does not exist"):
+    with pytest.raises(NotFoundError, match="does not exist"):
         Store.open(small_store.parent / "missing.zarr")
 
 

@@ -7,6 +7,7 @@ solver) fitted on the stored ``features`` of the fit split and applied to every 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,16 +72,47 @@ class Classifier:
     def predict_from(self, net: SplitNetwork, h_last: torch.Tensor) -> np.ndarray:
         """Predictions from the last point ``h_L`` of a (possibly approximated) network."""
         if self.kind == "head":
-            return net.features(h_last, pre_logits=False).argmax(1).numpy()
-        features = net.features(h_last, pre_logits=True).numpy()
+            return net.features(h_last, pre_logits=False).argmax(1).cpu().numpy()
+        features = net.features(h_last, pre_logits=True).cpu().numpy()
         return np.argmax(features @ self.weight + self.bias, axis=1)
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             if self.kind == "head":
-                return model(x).argmax(1).numpy()
-            features = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
-        return np.argmax(features @ self.weight + self.bias, axis=1)
+                return model(x).argmax(1).cpu().numpy()
+            features = model.forward_head(model.forward_features(x), pre_logits=True)
+        return np.argmax(features.cpu().numpy() @ self.weight + self.bias, axis=1)
+
+    def describe(self) -> str:
+        if self.kind == "head":
+            return "model head"
+        return f"linear probe (ridge {PROBE_RIDGE} on stored features, one-hot labels)"
+
+    def as_head(self) -> nn.Linear:
+        """The probe as a ``nn.Linear`` that can replace the model's head."""
+        assert self.weight is not None and self.bias is not None
+        head = nn.Linear(*self.weight.shape)
+        with torch.no_grad():
+            head.weight.copy_(torch.as_tensor(self.weight.T, dtype=torch.float32))
+            head.bias.copy_(torch.as_tensor(self.bias, dtype=torch.float32))
+        return head
+
+
+CLASSIFIERS = ("auto", "head", "probe")
+
+
+def choose_classifier(store: Store, kind: str = "auto") -> Classifier:
+    """The model's head (``auto``: when the model was trained for the store's data, i.e. the
+    embedded default) or a linear probe fitted on the stored features."""
+    if kind not in CLASSIFIERS:
+        raise UsageError(f"--classifier {kind!r} is not valid; use auto, head or probe")
+    if kind == "auto":
+        kind = "head" if store.description["model"]["weights"]["source"] == "embedded" else "probe"
+    if kind == "head" and not store.description["model"].get("num_classes"):
+        raise UsageError(
+            f"--classifier head: the model of {str(store)!r} has no classifier head; use probe"
+        )
+    return Classifier("head") if kind == "head" else fit_probe(store)
 
 
 def fit_probe(store: Store) -> Classifier:
@@ -107,27 +139,43 @@ def evaluate_variants(
     checkpoint: str | Path | None = None,
     batch_size: int = 256,
     source: DataSource | None = None,
+    classifier: str = "auto",
+    device: str = "cpu",
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, agreement with the original, parameters, FLOPs and images/s of each variant."""
+    """Accuracy, agreement with the original, parameters, FLOPs and images/s of each variant
+    on the first ``limit`` (default: all) images of the test split."""
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} is invalid; pass a positive number")
     store = Store.coerce(store)
     description = store.description
+    chosen = choose_classifier(store, classifier)
+    _check_device(device)
     loaded = rebuild_model(description["model"], checkpoint, store)
+    loaded.module.to(device)
     source = source or test_source(description["data"])
+    if limit is not None:
+        if not 1 <= limit <= len(source):
+            raise UsageError(f"--limit {limit} is out of range; pass 1..{len(source)}")
+        source = source.limited(limit)
     preprocess = make_preprocess(loaded.data_config)
-    own_head = description["model"]["weights"]["source"] == "embedded"
-    classifier = Classifier("head") if own_head else fit_probe(store)
+    classifier_ = chosen
     models = [("original", loaded.module, [])] + [
         (v.name, replace_spans(loaded.module, v.maps), v.spans) for v in variants
     ]
     predictions: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in models}
     first_batch = None
+    n_batches = -(-len(source) // batch_size)
+    total, done = len(models) * (n_batches + 1), 0  # every batch of every model, then timings
     for start in range(0, len(source), batch_size):
-        x = source.load(start, min(start + batch_size, len(source)), preprocess)
+        x = source.load(start, min(start + batch_size, len(source)), preprocess).to(device)
         first_batch = x if first_batch is None else first_batch
         for name, model, _ in models:
-            predictions[name].append(classifier.predict(model, x))
+            predictions[name].append(classifier_.predict(model, x))
+            done += 1
+            if progress is not None:
+                progress(done, total)
     labels = source.labels
     original = np.concatenate(predictions["original"])
     input_size = tuple(first_batch.shape[1:])
@@ -149,13 +197,24 @@ def evaluate_variants(
                 "agreement": float((predicted == original).mean()),
             }
         )
+        done += 1
+        if progress is not None:
+            progress(done, total)
     return {
-        "classifier": "model head"
-        if classifier.kind == "head"
-        else f"linear probe (ridge {PROBE_RIDGE} on stored features, one-hot labels)",
+        "classifier": classifier_.describe(),
         "test_samples": len(source),
+        "device": device,
         "variants": results,
     }
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device!r} asked for, but no CUDA GPU is visible; use cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {device!r} is not a torch device; use cpu or cuda") from e
 
 
 def _is_block(module: nn.Module) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from rba_store.errors import DataSourceError, ModelError
+from rba_store.errors import DataSourceError, ModelError, NotFoundError
 from rba_store.extract.data import DataSource, DigitsSource, FolderSource, NpzSource
 from rba_store.extract.models import LoadedModel, build_model, model_weights_sha256, sha256_file
 from rba_store.store import Store
@@ -34,7 +34,7 @@ def rebuild_model(
 
             path = ensure_default_weights()  # another install of the package: its shipped file
         if checkpoint and not path.is_file():
-            raise ModelError(
+            raise NotFoundError(
                 f"--checkpoint {str(path)!r} does not exist; pass the weights file of {name!r} "
                 f"(sha256 {weights['sha256'][:12]}…)"
             )

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from rba_store.approx.evaluate import Classifier
 from rba_store.approx.rebuild import build_architecture, rebuild_model
 from rba_store.approx.surgery import SpanMap, replace_spans
 from rba_store.errors import StoreError
@@ -23,15 +24,29 @@ RECIPE_VERSION = 1
 
 
 def write_approximated(
-    store: Store | str | Path, maps: list[SpanMap], fit_names: list[str | None], out: str | Path
+    store: Store | str | Path,
+    maps: list[SpanMap],
+    fit_names: list[str | None],
+    out: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    classifier: Classifier | None = None,
 ) -> Path:
-    """Build the approximated model of a store's model and write it to the folder ``out``."""
+    """Build the approximated model of a store's model and write it to the folder ``out``.
+
+    With a linear-probe ``classifier`` the probe becomes the model's head, so that the saved
+    model predicts what ``evaluate`` measured.
+    """
     from safetensors.torch import save_file
 
     store = Store.coerce(store)
     description = store.description
-    loaded = rebuild_model(description["model"], store=store)
+    loaded = rebuild_model(description["model"], checkpoint, store)
     model = replace_spans(loaded.module, maps)
+    probe = classifier is not None and classifier.kind == "probe"
+    if probe:
+        assert classifier is not None
+        model.head = classifier.as_head()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -42,6 +57,9 @@ def write_approximated(
         "data_config": loaded.data_config,
         "store": str(store.path.resolve()),
         "store_fingerprint": description["fingerprint"],
+        "classifier": {"kind": "probe", "num_classes": int(classifier.weight.shape[1])}  # type: ignore[union-attr]
+        if probe
+        else {"kind": "head"},
         "spans": [
             {"span": list(m.span), "fit": name, "kind": "identity" if m.t is None else "linear"}
             for m, name in zip(maps, fit_names, strict=True)
@@ -72,7 +90,11 @@ def load_approximated(path: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
     recipe = read_recipe(path)
-    module = build_architecture(recipe["base_model"])
+    base = dict(recipe["base_model"])
+    head = recipe.get("classifier", {"kind": "head"})
+    if head["kind"] == "probe":  # the probe is the head: its own number of classes
+        base["num_classes"] = head["num_classes"]
+    module = build_architecture(base)
     width = int(module.embed_dim)
     maps = [
         SpanMap(tuple(s["span"]))  # type: ignore[arg-type]

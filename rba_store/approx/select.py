@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rba_store.approx.evaluate import Classifier, Variant, evaluate_variants, fit_probe
+from rba_store.approx.evaluate import Classifier, Variant, choose_classifier, evaluate_variants
 from rba_store.approx.network import SplitNetwork
 from rba_store.approx.rebuild import held_out_source, rebuild_model
 from rba_store.approx.refit import changed_sources, refit_maps
@@ -44,6 +44,7 @@ class SelectOptions:
     maps: str = "linear"  # what replaces a span: linear, identity, or the better of both
     refit: bool = False
     rank_by: str = "agreement"  # with the original's predictions, or "accuracy" (noisier)
+    classifier: str = "auto"  # the model's head (auto: when trained for the data) or a probe
     batch_size: int = 256
     name: str = "select"
 
@@ -186,8 +187,7 @@ def select_spans(
     options.check(store.layout.n_blocks)
     loaded = rebuild_model(description["model"], checkpoint, store)
     model = loaded.module
-    own_head = description["model"]["weights"]["source"] == "embedded"
-    classifier = Classifier("head") if own_head else fit_probe(store)
+    classifier = choose_classifier(store, options.classifier)
     source = held_out_source(description["data"], "val")
     val = _Validation(source, make_preprocess(loaded.data_config), options.batch_size, classifier)
     net = SplitNetwork(model)
@@ -289,6 +289,7 @@ def evaluate_path(
         checkpoint=checkpoint,
         batch_size=selection.options.batch_size,
         source=test,
+        classifier=selection.options.classifier,
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rba_store.approx.select import Selection, to_json
-from rba_store.errors import UsageError
+from rba_store.errors import NotFoundError, UsageError
 from rba_store.store import Store, normalize_json
 
 SELECTION_VERSION = 1
@@ -39,7 +39,7 @@ def read_selection(path: str | Path, store: Store) -> tuple[list[str], list[str]
     """The ``--fit`` names and ``--identity a:b`` spans of a saved selection of ``store``."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(
+        raise NotFoundError(
             f"--selection {str(path)!r} does not exist; pass the file 'rba-store select' wrote"
         )
     try:

@@ -118,7 +118,8 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(1, *input_shape)
+    device = next(model.parameters()).device
+    x = torch.zeros(1, *input_shape, device=device)
     mapping = {}
     cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_attention is not None:
@@ -129,13 +130,26 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     return int(counter.get_total_flops())
 
 
-def images_per_second(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
-    """Throughput on a batch (best of ``repeats``, after a warm-up)."""
+def images_per_second(
+    model: nn.Module, x: torch.Tensor, repeats: int = 3, min_seconds: float = 0.05
+) -> float:
+    """Throughput on a batch: the median of ``repeats`` timings, each of as many forward passes
+    as fill ``min_seconds``, after two untimed warm-up passes (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     with torch.inference_mode():
-        model(x[:2])
-        best = float("inf")
+        for _ in range(2):
+            model(x)
+        sync()
+        start = time.perf_counter()
+        model(x)
+        sync()
+        once = max(time.perf_counter() - start, 1e-6)
+        passes = max(1, int(min_seconds / once))
+        timings = []
         for _ in range(repeats):
             start = time.perf_counter()
-            model(x)
-            best = min(best, time.perf_counter() - start)
-    return len(x) / best
+            for _ in range(passes):
+                model(x)
+            sync()
+            timings.append((time.perf_counter() - start) / passes)
+    return len(x) / float(np.median(timings))

@@ -4,29 +4,43 @@ maps and with the identity; and its plot."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rba_store.approx.evaluate import Variant, fit_variant, identity_variant
 from rba_store.errors import UsageError
-from rba_store.store import FITS, Store
+from rba_store.store import FITS, STATS, Store
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Span = tuple[int, int]
 
 
 def sweep_spans(
-    store: Store | str | Path, max_blocks: int | None = None
+    store: Store | str | Path, max_blocks: int | None = None, stats_name: str | None = None
 ) -> list[tuple[int, list[Span]]]:
-    """Remove 1, 2, 3 … blocks in the order of the statistics (least relative change first).
+    """Remove 1, 2, 3 … blocks in the order of the statistics (least relative change first):
+    the saved ``stats/<stats_name>``, or the default statistics (computed when missing).
 
     Removed blocks that are consecutive form one span, replaced by one map.
     """
-    from rba_store.stats import run_stats
+    from rba_store.stats import BlockStats, run_stats
 
     if max_blocks is not None and max_blocks < 1:
         raise UsageError(f"--max-blocks {max_blocks} is invalid; pass a positive number")
-    stats, _ = run_stats(store)
+    store = Store.coerce(store)
+    if stats_name is None:
+        stats, _ = run_stats(store)
+    else:
+        saved = store.read_analysis(STATS, stats_name)
+        if saved is None:
+            raise UsageError(
+                f"{str(store)!r} has no stats/{stats_name}; run 'rba-store stats {store} "
+                f"--name {stats_name}' first, or leave --stats out"
+            )
+        stats = BlockStats.from_dataset(saved)
     order = [int(b) + 1 for b in np.argsort(stats.relative_change, kind="stable")]
     k_max = min(max_blocks or stats.n_blocks - 1, stats.n_blocks - 1)
     steps = []
@@ -42,7 +56,7 @@ def sweep_spans(
 
 
 def sweep_variants(
-    store: Store | str | Path, max_blocks: int | None = None
+    store: Store | str | Path, max_blocks: int | None = None, stats_name: str | None = None
 ) -> list[tuple[int, Variant, Variant]]:
     """For each number of removed blocks: the variant with fitted maps and the identity one.
 
@@ -52,7 +66,7 @@ def sweep_variants(
     from rba_store.solve import FitOptions, fit_spans
 
     store = Store.coerce(store)
-    steps = sweep_spans(store, max_blocks)
+    steps = sweep_spans(store, max_blocks, stats_name)
     needed = sorted({span for _, spans in steps for span in spans})
     missing = [(a, b) for a, b in needed if not store.has_analysis(FITS, f"{a}-{b}")]
     if missing:
@@ -67,40 +81,81 @@ def sweep_variants(
     return out
 
 
-def write_sweep_plot(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Accuracy and parameters against the number of removed blocks, linear vs identity."""
-    import matplotlib
+def write_sweep_plot(
+    report: dict[str, Any], path: str | Path, title: str = "", fig: Figure | None = None
+) -> Path:
+    """Accuracy and parameters against the number of removed blocks, linear vs identity.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Linear maps are filled circles drawn on top of larger hollow identity squares, so equal
+    values show both. The accuracy axis keeps "original" (solid) and "original - 1 pt"
+    (dashed, with the band between them shaded) apart: it spans at most 25 points below the
+    original; lower values sit on the bottom edge as triangles labelled with their value.
+    ``fig``: an empty Figure to draw into (to inspect it afterwards); a new one by default.
+    """
+    from matplotlib.figure import Figure
 
     rows = {v["name"]: v for v in report["variants"]}
     original = rows["original"]
     ks = sorted(int(n.split("-")[-1]) for n in rows if n.startswith("linear -"))
-    fig, (ax_acc, ax_par) = plt.subplots(1, 2, figsize=(11, 4))
-    for kind, style in (("linear", "o-"), ("identity", "s--")):
+    top = 100 * original["accuracy"]
+    series = {
+        kind: np.array([100 * rows[f"{kind} -{k}"]["accuracy"] for k in ks])
+        for kind in ("linear", "identity")
+    }
+    values = np.concatenate([*series.values(), [top, top - 1]])
+    floor = max(float(values.min()) - 1.5, top - 25)
+    ceiling = max(float(values.max()), top) + 1.5
+    if fig is None:
+        fig = Figure(figsize=(11, 4))
+    ax_acc, ax_par = fig.subplots(1, 2)
+    ax_acc.axhspan(top - 1, top, color="tab:green", alpha=0.12, lw=0, label="within 1 pt")
+    ax_acc.axhline(top, color="k", lw=1.2, ls="-", label=f"original ({top:.1f}%)")
+    ax_acc.axhline(top - 1, color="tab:green", lw=1.2, ls="--", label="original - 1 pt")
+    styles = {
+        "linear": dict(marker="o", ls="-", ms=6, zorder=4, color="tab:blue"),
+        "identity": dict(
+            marker="s", ls="--", ms=11, zorder=3, color="tab:orange", mfc="none", mew=1.5
+        ),
+    }
+    for kind, accuracy in series.items():
+        shown = np.maximum(accuracy, floor)
         ax_acc.plot(
             ks,
-            [100 * rows[f"{kind} -{k}"]["accuracy"] for k in ks],
-            style,
+            shown,
+            **styles[kind],
             label="fitted linear map T" if kind == "linear" else "identity (drop blocks)",
         )
-    ax_acc.axhline(100 * original["accuracy"], color="k", lw=1, label="original")
-    ax_acc.axhline(
-        100 * original["accuracy"] - 1, color="k", lw=0.5, ls=":", label="original - 1 pt"
-    )
+        for k, value in zip(ks, accuracy, strict=True):
+            if value < floor:  # off the axis: a triangle on the edge, with the value
+                ax_acc.plot(k, floor, "v", color=styles[kind]["color"], ms=9, zorder=5)
+                ax_acc.annotate(
+                    f"{value:.1f}",
+                    (k, floor),
+                    textcoords="offset points",
+                    xytext=(0, 11),
+                    ha="center",
+                    fontsize=7,
+                    color=styles[kind]["color"],
+                )
+    ax_acc.set_ylim(floor - 0.5, ceiling)
     ax_acc.set(xlabel="blocks removed", ylabel="test accuracy (%)", title="Accuracy")
-    ax_acc.legend()
+    ax_acc.legend(fontsize=8)
     ax_par.plot(
         [0, *ks],
         [original["params"] / 1e6] + [rows[f"linear -{k}"]["params"] / 1e6 for k in ks],
         "o-",
+        ms=6,
+        zorder=4,
         label="with linear maps",
     )
     ax_par.plot(
         [0, *ks],
         [original["params"] / 1e6] + [rows[f"identity -{k}"]["params"] / 1e6 for k in ks],
         "s--",
+        ms=11,
+        mfc="none",
+        mew=1.5,
+        zorder=3,
         label="identity",
     )
     ax_par.set(xlabel="blocks removed", ylabel="parameters (M)", title="Parameters")
@@ -113,5 +168,4 @@ def write_sweep_plot(report: dict[str, Any], path: str | Path, title: str = "") 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

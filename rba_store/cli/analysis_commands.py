@@ -18,7 +18,7 @@ from rba_store.cli.app import (
     SchedulerFileOpt,
     SchedulerOpt,
     StoreArg,
-    Tokens,
+    TokensOpt,
     app,
     check_folder,
 )
@@ -29,9 +29,7 @@ from rba_store.errors import Interrupted, UsageError
 @app.command()
 def stats(
     store: StoreArg,
-    tokens: Annotated[Tokens, typer.Option(help="Token vectors: all (flattened) or cls.")] = (
-        Tokens.all
-    ),
+    tokens: TokensOpt = None,
     limit: LimitOpt = None,
     sample: SampleOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
@@ -59,17 +57,26 @@ def stats(
     if max_span < 1 or top < 1:
         raise UsageError(f"--max-span {max_span} and --top {top} must be positive numbers")
     check_folder(plots, "--plots")
-    result, reused = run_stats(
-        Store.open(store),
-        name=name,
-        tokens=tokens.value,
-        selection=SampleSelection(limit=limit, sample=sample, seed=seed),
-        allow_incomplete=allow_incomplete,
-        scheduler=scheduler,
-        scheduler_file=str(scheduler_file) if scheduler_file else None,
-        overwrite=overwrite,
-        cka=cka,
-    )
+    opened = Store.open(store)
+    chosen_tokens = tokens.value if tokens else opened.description["tokens"]
+    try:
+        with dask_progress("stats"):
+            result, reused = run_stats(
+                opened,
+                name=name,
+                tokens=chosen_tokens,
+                selection=SampleSelection(limit=limit, sample=sample, seed=seed),
+                allow_incomplete=allow_incomplete,
+                scheduler=scheduler,
+                scheduler_file=str(scheduler_file) if scheduler_file else None,
+                overwrite=overwrite,
+                cka=cka,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted: no statistics were saved and the store is unchanged; re-run the same "
+            "command"
+        ) from None
     written = []
     if plots is not None:
         from rba_store.stats.plots import write_plots
@@ -81,7 +88,7 @@ def stats(
     saved = "reused the saved" if reused else "saved as"
     typer.echo(
         f"{store}: {result.n_blocks} blocks, {result.n_samples} samples, "
-        f"{result.n_rows} token vectors (tokens={tokens.value}); {saved} "
+        f"{result.n_rows} token vectors (tokens={chosen_tokens}); {saved} "
         f"stats/{result.attrs.get('name')}\n"
     )
     typer.echo(result.format_table(max_span, top))
@@ -128,7 +135,11 @@ def _format_fit(fit: Any) -> str:
     else:
         lines.append("  held-out: none (pass --holdout FRACTION or --eval-store STORE)")
     lines += [f"  note: {note}" for note in d["notes"]]
-    lines.append(f"  saved as fits/{fit.name}")
+    lines.append(
+        f"  reused the saved fits/{fit.name} (same span, options and store; --overwrite recomputes)"
+        if fit.reused
+        else f"  saved as fits/{fit.name}"
+    )
     return "\n".join(lines)
 
 
@@ -136,7 +147,8 @@ def _format_fit(fit: Any) -> str:
 def fit(
     store: StoreArg,
     span: Annotated[
-        list[str] | None, typer.Option(help="a:b fits h_a -> h_b (replaces blocks a+1..b).")
+        list[str] | None,
+        typer.Option(help="a:b fits h_a -> h_b (replaces blocks a+1..b).", metavar="A:B"),
     ] = None,
     auto: Annotated[
         int | None, typer.Option(help="Fit the best K candidate spans of the saved stats.")
@@ -144,9 +156,7 @@ def fit(
     stats_name: Annotated[
         str | None, typer.Option("--stats", help="Saved stats for --auto [tokens-<tokens>].")
     ] = None,
-    tokens: Annotated[Tokens, typer.Option(help="Rows: every token vector, or cls only.")] = (
-        Tokens.all
-    ),
+    tokens: TokensOpt = None,
     limit: LimitOpt = None,
     sample: SampleOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of --sample and --holdout.")] = 0,
@@ -194,11 +204,12 @@ def fit(
     if auto is not None and auto < 1:
         raise UsageError(f"--auto {auto} is invalid; pass a positive number of spans")
     opened = Store.open(store, "r+")
+    chosen_tokens = tokens.value if tokens else opened.description["tokens"]
     if auto is not None:
-        spans += _auto_spans(opened, auto, tokens.value, stats_name)
+        spans += _auto_spans(opened, auto, chosen_tokens, stats_name)
     options = FitOptions(
         spans=tuple(spans),
-        tokens=tokens.value,
+        tokens=chosen_tokens,
         selection=SampleSelection(limit=limit, sample=sample, seed=seed),
         holdout=holdout,
         holdout_seed=seed,
@@ -216,7 +227,7 @@ def fit(
         checkpoint_every=checkpoint_every,
     )
     try:
-        with dask_progress():
+        with dask_progress("fit"):
             fits = fit_spans(opened, options)
     except KeyboardInterrupt:
         raise Interrupted(

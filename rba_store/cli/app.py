@@ -33,6 +33,12 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Classifier(str, Enum):
+    auto = "auto"
+    head = "head"
+    probe = "probe"
+
+
 class Codec(str, Enum):
     blosc_zstd = "blosc-zstd"
     zstd = "zstd"
@@ -41,7 +47,9 @@ class Codec(str, Enum):
 
 
 # Options shared by several commands.
-StoreArg = Annotated[Path, typer.Argument(help="A store written by 'rba-store extract'.")]
+StoreArg = Annotated[
+    Path, typer.Argument(help="A store written by 'rba-store extract'.", metavar="STORE")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 LimitOpt = Annotated[int | None, typer.Option(help="Use the first N samples.")]
 SampleOpt = Annotated[int | None, typer.Option(help="Use N samples drawn at random.")]
@@ -50,6 +58,20 @@ SchedulerOpt = Annotated[
 ]
 SchedulerFileOpt = Annotated[
     Path | None, typer.Option(help="Scheduler file of a running dask.distributed cluster.")
+]
+ClassifierOpt = Annotated[
+    Classifier,
+    typer.Option(
+        help="The model's own head, or a linear probe on the stored features (auto: the head "
+        "when the model was trained for the data, i.e. the embedded default)."
+    ),
+]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option(help="The model's weights file, if it has moved.")
+]
+TokensOpt = Annotated[
+    Tokens | None,
+    typer.Option(help="Token vectors: all or cls [what the store holds].", show_default=False),
 ]
 AllowIncompleteOpt = Annotated[
     bool, typer.Option(help="Use the complete shards of an unfinished store.")

@@ -1,6 +1,7 @@
 """``main``: run the app and turn every error into one line on stderr and an exit code.
 
-``--verbose`` (anywhere on the command line) adds the traceback and INFO logging.
+``--verbose`` (anywhere on the command line) adds the traceback and INFO logging; ``--threads N``
+(anywhere too) sets the CPU threads of torch and BLAS (:mod:`rba_store.cli.threads`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import typer
 from typer.exceptions import TyperException
 
 from rba_store.cli.app import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, app
+from rba_store.cli.threads import cpu_threads, default_threads, pop_threads
 from rba_store.errors import Interrupted, RBAStoreError, describe_os_error
 
 
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--verbose", *(a for a in args if a not in ("--verbose", "-v"))]
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result: Any = app(args=args, prog_name="rba-store", standalone_mode=False)
+        args, threads = pop_threads(args)
+        with cpu_threads(threads or default_threads()):
+            result: Any = app(args=args, prog_name="rba-store", standalone_mode=False)
     except TyperException as e:  # usage errors from parsing (typer's vendored click)
         if type(e).__name__ == "NoArgsIsHelpError":
             e.show()  # type: ignore[attr-defined]
@@ -46,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         return _error(
             "interrupted; nothing stored was changed: re-run the same command", EXIT_INTERRUPTED
         )
-    except (RBAStoreError, OSError) as e:
+    except RBAStoreError as e:  # the error's own code: 2 for usage errors, 1 otherwise
         if verbose:
             traceback.print_exc()
-        return _error(describe_os_error(e) if isinstance(e, OSError) else str(e), EXIT_ERROR)
+        return _error(str(e), e.exit_code)
+    except OSError as e:
+        if verbose:
+            traceback.print_exc()
+        return _error(describe_os_error(e), EXIT_ERROR)
     except Exception as e:  # a bug: say so in one line, the traceback with --verbose
         if verbose:
             traceback.print_exc()

@@ -8,8 +8,17 @@ from typing import Annotated, Any
 
 import typer
 
-from rba_store.cli.app import JsonOpt, StoreArg, app, check_folder
-from rba_store.errors import UsageError
+from rba_store.cli.app import (
+    CheckpointOpt,
+    Classifier,
+    ClassifierOpt,
+    JsonOpt,
+    StoreArg,
+    app,
+    check_folder,
+)
+from rba_store.cli.progress import step_progress
+from rba_store.errors import Interrupted, UsageError
 
 
 def _span_maps(store: Any, fits: list[str], identities: list[str]) -> tuple[list, list]:
@@ -31,17 +40,22 @@ def apply(
     store: Annotated[Path, typer.Argument(help="A store with fits (rba-store fit).")],
     out: Annotated[Path, typer.Option(help="Folder for the approximated model.")],
     fit_names: Annotated[
-        list[str] | None, typer.Option("--fit", help="A saved fit to apply (repeatable).")
+        list[str] | None,
+        typer.Option("--fit", help="A saved fit to apply (repeatable).", metavar="NAME"),
     ] = None,
     identity: Annotated[
-        list[str] | None, typer.Option(help="a:b: drop these blocks (identity, repeatable).")
+        list[str] | None,
+        typer.Option(help="a:b: drop these blocks (identity, repeatable).", metavar="A:B"),
     ] = None,
     selection: Annotated[
         Path | None, typer.Option(help="The spans a 'rba-store select' chose (its JSON file).")
     ] = None,
+    checkpoint: CheckpointOpt = None,
+    classifier: ClassifierOpt = Classifier.auto,
 ) -> None:
     """Write the model with spans replaced by fitted maps: safetensors weights plus a recipe."""
     from rba_store.approx import count_parameters
+    from rba_store.approx.evaluate import choose_classifier
     from rba_store.approx.recipe import load_approximated, write_approximated
     from rba_store.store import Store
 
@@ -60,7 +74,8 @@ def apply(
             "nothing to apply; pass --fit NAME (see 'rba-store info'), --identity a:b or "
             "--selection FILE"
         )
-    write_approximated(opened, maps, names, out)
+    head = choose_classifier(opened, classifier.value)
+    write_approximated(opened, maps, names, out, checkpoint=checkpoint, classifier=head)
     model = load_approximated(out)
     spans = ", ".join(f"{m.span[0]}:{m.span[1]}" for m in maps)
     typer.echo(
@@ -75,10 +90,12 @@ def apply(
 def evaluate(
     store: StoreArg,
     fit_names: Annotated[
-        list[str] | None, typer.Option("--fit", help="Evaluate this saved fit (repeatable).")
+        list[str] | None,
+        typer.Option("--fit", help="Evaluate this saved fit (repeatable).", metavar="NAME"),
     ] = None,
     identity: Annotated[
-        list[str] | None, typer.Option(help="a:b: evaluate dropping these blocks (repeatable).")
+        list[str] | None,
+        typer.Option(help="a:b: evaluate dropping these blocks (repeatable).", metavar="A:B"),
     ] = None,
     auto: Annotated[
         bool, typer.Option(help="Sweep: remove 1, 2, 3 ... blocks ranked by the statistics.")
@@ -87,9 +104,14 @@ def evaluate(
         int | None, typer.Option(help="Most blocks --auto removes [all but one].")
     ] = None,
     plots: Annotated[Path | None, typer.Option(help="Write the --auto plot here.")] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="The model's weights file, if it has moved.")
+    stats_name: Annotated[
+        str | None,
+        typer.Option("--stats", help="Saved statistics that rank --auto [the default ones]."),
     ] = None,
+    checkpoint: CheckpointOpt = None,
+    classifier: ClassifierOpt = Classifier.auto,
+    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")] = "cpu",
+    limit: Annotated[int | None, typer.Option(help="Use the first N test images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Test images per batch.")] = 256,
     as_json: JsonOpt = False,
 ) -> None:
@@ -106,6 +128,14 @@ def evaluate(
     from rba_store.store import Store
 
     check_folder(plots, "--plots")
+    if not auto:
+        for flag, value in (
+            ("--plots", plots),
+            ("--max-blocks", max_blocks),
+            ("--stats", stats_name),
+        ):
+            if value is not None:
+                raise UsageError(f"{flag} applies to the --auto sweep only; add --auto or drop it")
     opened = Store.open(store)
 
     variants: list[Variant] = []
@@ -113,15 +143,30 @@ def evaluate(
         variants.append(fit_variant(opened, [name]))
     for text in identity or []:
         variants.append(identity_variant([parse_span(text)]))
-    if auto:
-        for _, linear, ident in sweep_variants(opened, max_blocks):
-            variants += [linear, ident]
-    if not variants:
+    if not variants and not auto:
         raise UsageError(
             f"nothing to evaluate in {str(store)!r}: pass --fit NAME, --identity a:b or --auto "
             "(fit maps first with 'rba-store fit')"
         )
-    report = evaluate_variants(opened, variants, checkpoint=checkpoint, batch_size=batch_size)
+    try:
+        if auto:
+            for _, linear, ident in sweep_variants(opened, max_blocks, stats_name):
+                variants += [linear, ident]
+        report = evaluate_variants(
+            opened,
+            variants,
+            checkpoint=checkpoint,
+            batch_size=batch_size,
+            classifier=classifier.value,
+            device=device,
+            limit=limit,
+            progress=step_progress("evaluate", "model-batches"),
+        )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted: nothing was evaluated to the end; the maps fitted so far are kept as "
+            "fits/a-b and reused, so re-running the same command goes on from there"
+        ) from None
     plot = None
     if auto:
         plot = write_sweep_plot(report, (plots or Path("runs")) / "sweep.png", title=str(store))
@@ -135,6 +180,10 @@ def evaluate(
         typer.echo(f"plot: {plot}")
 
 
+def _blocks(n: int) -> str:
+    return f"{n} block" if n == 1 else f"{n} blocks"
+
+
 def _sweep_summary(report: dict[str, Any]) -> str:
     rows = {v["name"]: v for v in report["variants"]}
     base = rows["original"]["accuracy"]
@@ -144,8 +193,9 @@ def _sweep_summary(report: dict[str, Any]) -> str:
         ok = [k for k in sorted(ks) if rows[f"{kind} -{k}"]["accuracy"] >= base - 0.01]
         return max(ok, default=0)
 
+    linear, identity = most("linear"), most("identity")
     return (
-        f"within 1 point of the original accuracy ({100 * base:.2f}%): "
-        f"{most('linear')} blocks can be replaced by linear maps, "
-        f"{most('identity')} dropped (identity)"
+        f"within 1 point of the original accuracy ({100 * base:.2f}%) on the test split: "
+        f"{_blocks(linear)} can be replaced by linear maps, {identity} dropped (identity) "
+        "(a choice that looks at the test split: 'rba-store select' decides on validation)"
     )

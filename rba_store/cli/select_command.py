@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from rba_store.cli.app import JsonOpt, StoreArg, app, check_folder
+from rba_store.cli.app import (
+    CheckpointOpt,
+    Classifier,
+    ClassifierOpt,
+    JsonOpt,
+    StoreArg,
+    app,
+    check_folder,
+)
 from rba_store.errors import Interrupted
 
 
@@ -50,9 +58,8 @@ def select(
         Path | None, typer.Option(help="Selection file for 'apply --selection' [STORE.NAME.json].")
     ] = None,
     plots: Annotated[Path | None, typer.Option(help="Write select.png into this folder.")] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="The model's weights file, if it has moved.")
-    ] = None,
+    checkpoint: CheckpointOpt = None,
+    classifier: ClassifierOpt = Classifier.auto,
     batch_size: Annotated[int, typer.Option(help="Validation images per batch.")] = 256,
     as_json: JsonOpt = False,
 ) -> None:
@@ -72,6 +79,7 @@ def select(
         maps=maps.value,
         refit=refit,
         rank_by=rank_by.value,
+        classifier=classifier.value,
         batch_size=batch_size,
         name=name,
     )

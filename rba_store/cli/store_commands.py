@@ -73,6 +73,10 @@ def extract(
     worker_index: Annotated[
         int, typer.Option(help="Which of --num-workers this process is (0-based).")
     ] = 0,
+    skip_unreadable: Annotated[
+        bool,
+        typer.Option(help="Leave out images that cannot be read (recorded in the store)."),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Print the store's size and memory per batch; write nothing.")
     ] = False,
@@ -103,6 +107,7 @@ def extract(
         shard_samples=shard_samples,
         num_workers=num_workers,
         worker_index=worker_index,
+        skip_unreadable=skip_unreadable,
     )
     out = out or _default_out(model, data, split)
     plan = plan_extraction(options)
@@ -154,7 +159,7 @@ def extract(
     else:
         resumed = (
             f" (resumed: {shards_before} of {layout.n_shards} shards were already complete)"
-            if result.resumed
+            if result.resumed and shards_before
             else ""
         )
         if not complete:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rba_store.errors import DataSourceError
+from rba_store.errors import DataSourceError, NotFoundError, UnknownSplitError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DIGITS_SEED = 0
@@ -107,7 +107,7 @@ class DigitsSource(DataSource):
         from sklearn.model_selection import train_test_split
 
         if split not in self.SPLITS:
-            raise DataSourceError(
+            raise UnknownSplitError(
                 f"split {split!r} does not exist for digits; use one of {', '.join(self.SPLITS)}"
             )
         digits = load_digits()
@@ -164,13 +164,13 @@ class FolderSource(DataSource):
 
     def __init__(self, root: Path, split: str | None = None) -> None:
         if not root.is_dir():
-            raise DataSourceError(f"data folder {str(root)!r} does not exist; pass an image folder")
+            raise NotFoundError(f"data folder {str(root)!r} does not exist; pass an image folder")
         base = root
         if split is not None:
             base = root / split
             if not base.is_dir():
                 present = sorted(p.name for p in root.iterdir() if p.is_dir())
-                raise DataSourceError(
+                raise UnknownSplitError(
                     f"split {split!r} does not exist in {str(root)!r} (no {split}/ sub-folder; "
                     f"sub-folders: {', '.join(present) or 'none'}); pass one of them or no --split"
                 )
@@ -202,6 +202,25 @@ class FolderSource(DataSource):
     def load(self, start: int, stop: int, preprocess: Preprocess) -> torch.Tensor:
         return torch.stack([preprocess(self._open(p)) for p in self.files[start:stop]])
 
+    def unreadable(self, limit: int | None = None) -> list[str]:
+        """Sample ids of the images (of the first ``limit``) that do not decode."""
+        bad = []
+        pairs = list(zip(self.files, self.sample_ids, strict=True))[:limit]
+        for path, sample_id in pairs:
+            try:
+                self._open(path)
+            except DataSourceError:
+                bad.append(sample_id)
+        return bad
+
+    def skip(self, sample_ids: list[str]) -> None:
+        """Leave these samples out (recorded in :meth:`describe`)."""
+        keep = [i for i, s in enumerate(self.sample_ids) if s not in set(sample_ids)]
+        self.files = [self.files[i] for i in keep]
+        self.labels = self.labels[keep]
+        self.sample_ids = [self.sample_ids[i] for i in keep]
+        self.skipped = sorted(sample_ids)
+
     @staticmethod
     def _open(path: Path) -> Image.Image:
         try:
@@ -220,7 +239,7 @@ class FolderSource(DataSource):
             "split": self.split,
             "n_samples": len(self),
             "classes": self.classes,
-        }
+        } | ({"skipped_unreadable": self.skipped} if getattr(self, "skipped", None) else {})
 
 
 class NpzSource(DataSource):
@@ -234,7 +253,7 @@ class NpzSource(DataSource):
 
     def __init__(self, path: Path, split: str | None = None) -> None:
         if not path.is_file():
-            raise DataSourceError(f"data file {str(path)!r} does not exist; pass a .npz file")
+            raise NotFoundError(f"data file {str(path)!r} does not exist; pass a .npz file")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
@@ -292,8 +311,19 @@ class NpzSource(DataSource):
         }
 
 
-def open_source(spec: str, split: str | None = None, limit: int | None = None) -> DataSource:
-    """Open ``digits``, an image folder, or a ``.npz`` file."""
+def open_source(
+    spec: str,
+    split: str | None = None,
+    limit: int | None = None,
+    *,
+    skip_unreadable: bool | None = None,
+) -> DataSource:
+    """Open ``digits``, an image folder, or a ``.npz`` file.
+
+    With ``skip_unreadable`` not None (extraction), every image of a folder that will be used is
+    decoded first: unreadable ones are refused, all named, or left out (and recorded) with
+    ``skip_unreadable=True``, before anything is written.
+    """
     if spec == "digits":
         source: DataSource = DigitsSource(split or "train")
     else:
@@ -303,7 +333,7 @@ def open_source(spec: str, split: str | None = None, limit: int | None = None) -
         elif path.suffix == ".npz":
             source = NpzSource(path, split)
         elif not path.exists():
-            raise DataSourceError(
+            raise NotFoundError(
                 f"data source {spec!r} does not exist; "
                 "pass 'digits', an image folder or a .npz file"
             )
@@ -312,4 +342,14 @@ def open_source(spec: str, split: str | None = None, limit: int | None = None) -
                 f"data source {spec!r} is neither a folder nor a .npz file; pass 'digits', "
                 "an image folder (one sub-folder per class) or a .npz file with an array 'x'"
             )
+    if isinstance(source, FolderSource) and skip_unreadable is not None:
+        bad = source.unreadable(limit)
+        if bad and not skip_unreadable:
+            raise DataSourceError(
+                f"{len(bad)} image{'s' if len(bad) > 1 else ''} in {str(source.base)!r} cannot "
+                f"be read: {', '.join(bad)}; remove or replace them, or pass --skip-unreadable "
+                "to leave them out (recorded in the store)"
+            )
+        if bad:
+            source.skip(bad)
     return source.limited(limit)

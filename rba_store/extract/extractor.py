@@ -133,6 +133,8 @@ def _batches(plan: ExtractionPlan, shards: list[int]) -> Iterator[tuple[int, int
 
 def shard_buffer(plan: ExtractionPlan, shard_idx: int) -> dict[str, np.ndarray]:
     """Empty arrays for one shard of every array (labels and ids filled), as the writer takes."""
+    from rba_store.store.layout import encode_sample_ids
+
     layout = plan.layout
     start, stop = layout.shard_rows(shard_idx)
     rows = stop - start
@@ -142,7 +144,9 @@ def shard_buffer(plan: ExtractionPlan, shard_idx: int) -> dict[str, np.ndarray]:
     }
     buffer[FEATURES] = np.empty((rows, layout.n_features), layout.dtype)
     buffer[LABEL] = plan.source.labels[start:stop]
-    buffer[SAMPLE_ID] = np.asarray(plan.source.sample_ids[start:stop], dtype=str)
+    width = layout.sample_id_bytes
+    assert width is not None, "plan_layout always sizes the sample_id array"
+    buffer[SAMPLE_ID] = encode_sample_ids(plan.source.sample_ids[start:stop], width)
     return buffer
 
 

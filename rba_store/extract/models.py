@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rba_store.errors import ModelError
+from rba_store.errors import ModelError, NotFoundError, UnknownModelError
 from rba_store.extract.torchvision_compat import import_timm
 
 logger = logging.getLogger(__name__)
@@ -127,13 +127,13 @@ def build_model(
         )
     known = timm.list_models()
     if not timm.is_model(name):
-        raise ModelError(_unknown_model_message(name, known))
+        raise UnknownModelError(_unknown_model_message(name, known))
 
     state_dict = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
-            raise ModelError(
+            raise NotFoundError(
                 f"checkpoint {str(checkpoint)!r} does not exist; pass the path of a .pth or "
                 ".safetensors file"
             )

@@ -48,6 +48,7 @@ class ExtractOptions:
     shard_mb: float = 16.0
     chunk_samples: int | None = None
     shard_samples: int | None = None
+    skip_unreadable: bool = False  # leave out images that do not decode (else refuse them)
     num_workers: int = 1  # processes filling the same store, each its own shards
     worker_index: int = 0
 
@@ -140,7 +141,9 @@ def _check_options(options: ExtractOptions) -> None:
 def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
     """Build the model and the data source and probe the shapes, without touching any store."""
     _check_options(options)
-    source = open_source(options.data, options.split, options.limit)
+    source = open_source(
+        options.data, options.split, options.limit, skip_unreadable=options.skip_unreadable
+    )
     loaded = build_model(
         options.model,
         checkpoint=options.checkpoint,
@@ -165,6 +168,7 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
         shard_mb=options.shard_mb,
         chunk_samples=options.chunk_samples,
         shard_samples=options.shard_samples,
+        sample_ids=source.sample_ids,
     )
     payload = None
     if loaded.weights["source"] == "random":  # kept in the store: never re-drawn

@@ -7,24 +7,28 @@ then fails to import as well. rba-store uses only torchvision's pure-Python part
 transforms), so when, and only when, that exact error happens we declare the two operator schemas
 the Python code registers fake kernels for, and import again. On a healthy install the first
 import succeeds and this module changes nothing.
+
+The fix itself lives in :mod:`rba_store._torchvision_hook`, which the installed package also
+applies to every ``import torchvision`` of its environment (a ``.pth`` file), so that users'
+own scripts can import timm too. Where that hook is active the first import here already
+succeeds; this module is rba-store's own guarantee where it is not (``.pth`` files not read).
 """
 
 from __future__ import annotations
 
 import sys
 from types import ModuleType
+from typing import Any
 
-_SCHEMAS = (
-    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-)
-_library = None  # keeps the torch.library.Library alive for the life of the process
-patched = False  # True when the workaround was needed
+from rba_store import _torchvision_hook
+
+_library: Any = None  # the torch.library.Library declaring the schemas, when this module made it
+patched = False  # True when the workaround was needed here
 
 
 def _drop_partial_imports() -> None:
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
+    sys.modules.pop("torchvision", None)
+    _torchvision_hook.drop_submodules()
 
 
 def import_torchvision() -> ModuleType:
@@ -33,15 +37,10 @@ def import_torchvision() -> ModuleType:
     try:
         import torchvision
     except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
+        if not _torchvision_hook.is_missing_operator_error(e):
             raise
-        import torch
-
         _drop_partial_imports()
-        if _library is None:
-            _library = torch.library.Library("torchvision", "DEF")
-            for schema in _SCHEMAS:
-                _library.define(schema)
+        _library = _torchvision_hook.declare_missing_operators()
         patched = True
         import torchvision
     return torchvision

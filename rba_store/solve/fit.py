@@ -104,13 +104,12 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
     check_spans(spans, layout, str(store))
     check_tokens(store, options.tokens)
     names = [fit_name(span, options, len(spans)) for span in spans]
-    if not options.overwrite:
-        for name in names:
-            if store.has_analysis(FITS, name):
-                raise UsageError(
-                    f"fit {name!r} already exists in {str(store)!r}; pass --overwrite to replace "
-                    "it, or --name for another name"
-                )
+    reused = {} if options.overwrite else _reusable(store, spans, names, options)
+    order = list(spans)
+    spans = [s for s in spans if s not in reused]
+    names = [n for s, n in zip(order, names, strict=True) if s not in reused]
+    if not spans:
+        return [reused[s] for s in order]
     eval_samples = _eval_samples(options, store, spans)
 
     available = usable_samples(store, options.allow_incomplete)
@@ -134,7 +133,9 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
         for b in targets:
             width = layout.points[b].n_channels
             sub = ne.select_outputs(offset, offset + width)
-            solution = solve(sub, bias=options.bias, ridge=options.ridge)
+            solution = solve(
+                sub, bias=options.bias, ridge=options.ridge, gemm_dtype=options.gemm_dtype
+            )
             solutions[(a, b)] = (solution, training_error(sub, solution))
             offset += width
 
@@ -172,12 +173,51 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
             "options": options.describe(),
             "store_fingerprint": store.fingerprint,
         }
+        if solution.gemm_error is not None:  # float32 products: their expected cost in T
+            diagnostics["gemm_expected_relative_error"] = solution.gemm_error
         fit = SpanFit(name, span, solution, normalize_json(diagnostics))
         save_fit(store, fit)
         fits.append(fit)
     if options.checkpoint is not None:
         Path(options.checkpoint).unlink(missing_ok=True)  # the fits are saved: no longer needed
-    return fits
+    fitted = {f.span: f for f in fits}
+    return [reused.get(s) or fitted[s] for s in order]
+
+
+def _reusable(
+    store: Store, spans: list[Span], names: list[str], options: FitOptions
+) -> dict[Span, SpanFit]:
+    """Saved fits of the same span, options and store (reused, as ``stats`` does); a saved
+    fit of the same name made otherwise is refused."""
+    reused = {}
+    for span, name in zip(spans, names, strict=True):
+        saved = store.read_analysis(FITS, name)
+        if saved is None:
+            continue
+        attrs = dict(saved.attrs)
+        same = (
+            list(attrs.get("span", [])) == list(span)
+            and attrs.get("options") == normalize_json(options.describe())
+            and attrs.get("store_fingerprint") == store.fingerprint
+        )
+        if not same:
+            raise UsageError(
+                f"fit {name!r} already exists in {str(store)!r} with other options; pass "
+                "--overwrite to replace it, or --name for another name"
+            )
+        solution = Solution(
+            t=saved["T"].values,
+            bias=saved["bias"].values,
+            method=str(attrs["method"]),
+            cond=float(attrs["condition_number"]),
+            rank=int(attrs["rank"]),
+            n_rows=int(attrs["rows"]),
+            ridge_added=float(attrs["ridge_added"]),
+            notes=list(attrs.get("notes", [])),
+        )
+        diagnostics = {k: v for k, v in attrs.items() if k not in ("kind", "name", "span")}
+        reused[span] = SpanFit(name, span, solution, diagnostics, reused=True)
+    return reused
 
 
 def save_fit(store: Store, fit: SpanFit) -> None:

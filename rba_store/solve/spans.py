@@ -85,9 +85,12 @@ class SpanFit:
     span: Span
     solution: Solution
     diagnostics: dict[str, Any]
+    reused: bool = False  # read back from fits/<name>: same span, options and store
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "span": list(self.span)} | self.diagnostics
+        return {"name": self.name, "span": list(self.span), "reused": self.reused} | (
+            self.diagnostics
+        )
 
 
 def fit_name(span: Span, options: FitOptions, n_spans: int) -> str:

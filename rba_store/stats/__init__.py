@@ -27,7 +27,7 @@ def run_stats(
     store: Store | str | Path,
     *,
     name: str | None = None,
-    tokens: str = "all",
+    tokens: str | None = None,
     selection: SampleSelection | None = None,
     allow_incomplete: bool = False,
     scheduler: str | None = None,
@@ -35,10 +35,14 @@ def run_stats(
     overwrite: bool = False,
     cka: bool = True,
 ) -> tuple[BlockStats, bool]:
-    """Compute (or reuse) the statistics saved as ``stats/<name>``. Returns (stats, reused)."""
+    """Compute (or reuse) the statistics saved as ``stats/<name>``. Returns (stats, reused).
+
+    ``tokens`` defaults to what the store holds (``all``, or ``cls`` for a class-token store).
+    """
     selection = selection or SampleSelection()
-    name = name or default_name(tokens, selection, cka)
     store = Store.coerce(store)
+    tokens = tokens or store.description["tokens"]
+    name = name or default_name(tokens, selection, cka)
     saved = store.read_analysis(STATS, name)
     wanted = {
         "store_fingerprint": store.fingerprint,

@@ -130,15 +130,16 @@ class BlockStats:
 
     def format_table(self, max_span: int = 4, top: int = 10) -> str:
         """The human-readable report: a row per block, then the ranked candidate spans."""
+        with_cka = bool(self.attrs.get("cka", True))  # --no-cka: no column of NaN
         lines = [
             f"{'block':>5}  {'BR':>12}  {'rel.change':>10}  {'cosine':>7}  "
-            f"{'|h_in|':>9}  {'|h_out|':>9}  {'CKA(in,out)':>11}"
+            f"{'|h_in|':>9}  {'|h_out|':>9}" + (f"  {'CKA(in,out)':>11}" if with_cka else "")
         ]
         for b in range(self.n_blocks):
             lines.append(
                 f"{b + 1:>5}  {self.br[b]:>12.5g}  {self.relative_change[b]:>10.4f}  "
-                f"{self.cosine[b]:>7.4f}  {self.norm[b]:>9.4g}  {self.norm[b + 1]:>9.4g}  "
-                f"{self.cka[b, b + 1]:>11.4f}"
+                f"{self.cosine[b]:>7.4f}  {self.norm[b]:>9.4g}  {self.norm[b + 1]:>9.4g}"
+                + (f"  {self.cka[b, b + 1]:>11.4f}" if with_cka else "")
             )
         lines.append("")
         lines.append(

@@ -16,6 +16,8 @@ from rba_store.store.layout import (
     CapturePoint,
     StoreLayout,
     compressors,
+    decode_sample_ids,
+    encode_sample_ids,
     h_name,
     plan_layout,
 )
@@ -38,6 +40,8 @@ __all__ = [
     "StoreLayout",
     "analysis_path",
     "compressors",
+    "decode_sample_ids",
+    "encode_sample_ids",
     "fingerprint",
     "h_name",
     "normalize",

@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from rba_store.errors import ConfigMismatchError, StoreError
+from rba_store.errors import ConfigMismatchError, NotFoundError, StoreError
 from rba_store.store import analyses, claims
 from rba_store.store.fingerprint import describe_differences, fingerprint, normalize
 from rba_store.store.layout import (
@@ -30,9 +30,11 @@ from rba_store.store.layout import (
     LEDGER_PATH,
     SAMPLE_DIM,
     SAMPLE_ID,
+    SAMPLE_ID_DIMS,
     WEIGHTS_PATH,
     StoreLayout,
     compressors,
+    decode_sample_ids,
     dims_of,
     h_name,
 )
@@ -61,19 +63,24 @@ class Store:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         path = Path(path)
         if not path.exists():
-            raise StoreError(
+            raise NotFoundError(
                 f"store {str(path)!r} does not exist; create it with 'rba-store extract'"
+            )
+        if not path.is_dir():
+            raise NotFoundError(
+                f"{str(path)!r} is a file, not a store (a folder); pass the folder written by "
+                "'rba-store extract'"
             )
         try:
             group = zarr.open_group(str(path), mode=mode, use_consolidated=False)  # type: ignore[arg-type]
         except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-            raise StoreError(
+            raise NotFoundError(
                 f"{str(path)!r} is not an rba-store store (no Zarr v3 group there); "
                 "pass the directory written by 'rba-store extract'"
             ) from e
         attrs = group.attrs.get(ATTRS_KEY)
         if not isinstance(attrs, dict):
-            raise StoreError(
+            raise NotFoundError(
                 f"{str(path)!r} is a Zarr group but not an rba-store store (no {ATTRS_KEY!r} "
                 "attributes); pass the directory written by 'rba-store extract'"
             )
@@ -129,8 +136,24 @@ class Store:
             fill_value=-1,
             dimension_names=(SAMPLE_DIM,),
         )
+        # Ids in core Zarr v3 types (uint8), so that every Zarr v3 reader reads them, not only
+        # zarr-python (its string dtype is an extension): see layout.encode_sample_ids.
+        width = layout.sample_id_bytes
+        if width is None:
+            raise ValueError("a new store needs layout.sample_id_bytes (see plan_layout)")
         group.create_array(
-            SAMPLE_ID, shape=(n,), chunks=(shard,), dtype=str, dimension_names=(SAMPLE_DIM,)
+            SAMPLE_ID,
+            shape=(n, width),
+            chunks=(shard, width),
+            dtype="uint8",
+            compressors=compressors("zstd", 3),
+            fill_value=0,
+            dimension_names=SAMPLE_ID_DIMS,
+            attributes={
+                "encoding": "utf-8",
+                "width": width,
+                "description": "each sample's id in UTF-8, zero-padded to width bytes",
+            },
         )
         group.create_array(
             LEDGER_PATH,
@@ -212,6 +235,14 @@ class Store:
     def read_points(self, points: Sequence[int], start: int, stop: int) -> list[np.ndarray]:
         """``h_k[start:stop]`` for every k in ``points``."""
         return [self.point(k)[start:stop] for k in points]
+
+    def sample_ids(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """The ids of samples ``[start, stop)`` as strings, from either encoding of ``sample_id``.
+
+        Stores of this format keep them as zero-padded UTF-8 bytes (uint8, ``(sample, byte)``);
+        stores written before as zarr-python strings. Read ids through here, not the array.
+        """
+        return decode_sample_ids(np.asarray(self.array(SAMPLE_ID)[start:stop]))
 
     def check_compatible(self, description: Mapping[str, Any]) -> None:
         """Raise unless the store was made with the same configuration as ``description``."""

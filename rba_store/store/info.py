@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rba_store.store.analyses import FITS, STATS
 from rba_store.store.handle import Store
 from rba_store.store.layout import FEATURES, LABEL, SAMPLE_ID, h_name
 
@@ -62,6 +63,7 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
         "preprocessing": description["preprocessing"],
         "versions": description["versions"],
         "run": description.get("run", {}),
+        "analyses": {kind: store.list_analyses(kind) for kind in (STATS, FITS)},
     }
 
 
@@ -81,8 +83,10 @@ def format_info(info: dict[str, Any]) -> str:
         f"model      {model['name']}: {model['n_blocks']} blocks, weights {weights['source']}"
         + (f" {weights['path']}" if "path" in weights else "")
         + (f" sha256 {weights['sha256'][:12]}" if "sha256" in weights else ""),
-        f"data       {data['source']} {data.get('path', '')} split={data.get('split')} "
-        f"samples={info['n_samples']}" + (f" (limit {data['limit']})" if data.get("limit") else ""),
+        f"data       {data['source']} {data.get('path', '')}"
+        + (f" split={data['split']}" if data.get("split") else "")
+        + f" samples={info['n_samples']}"
+        + (f" (limit {data['limit']})" if data.get("limit") else ""),
         f"arrays     h0..h{info['n_blocks']} {tuple(h0['shape'])} {h0['dims']} {info['dtype']}, "
         f"tokens={info['tokens']}; features {tuple(info['arrays']['features']['shape'])}",
         f"chunks     {info['chunk_samples']} samples/chunk, {info['shard_samples']} samples/shard, "
@@ -94,4 +98,7 @@ def format_info(info: dict[str, Any]) -> str:
     ]
     if not info["complete"]:
         lines.append("           re-run the same 'rba-store extract' command to finish it")
+    for kind, names in info["analyses"].items():
+        shown = ", ".join(names) if names else "none"
+        lines.append(f"{kind:<10} {shown}")
     return "\n".join(lines)

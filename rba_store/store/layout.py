@@ -6,7 +6,7 @@ store is one Zarr v3 group:
 
 - ``h0`` … ``hL``: the residual stream after k blocks, dims ``("sample", "token", "channel")``;
 - ``features`` (``"sample", "channel"``), ``label`` (``"sample"``, int64) and ``sample_id``
-  (``"sample"``, string);
+  (``"sample", "byte"``, uint8: each id's UTF-8 bytes, zero-padded; see :func:`encode_sample_ids`);
 - ``ledger/shards`` (``"shard"``, uint8): 1 where every array's shard has been written;
 - ``claims/worker-k-of-N``: which process fills which shards;
 - the group attribute ``rba_store``: the extraction's complete description and its fingerprint.
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zarr.codecs
 
-from rba_store.errors import UsageError
+from rba_store.errors import DataSourceError, UsageError
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "rba_store"
@@ -33,6 +33,12 @@ FEATURES, LABEL, SAMPLE_ID = "features", "label", "sample_id"
 # safetensors file as a uint8 array, so that every later command rebuilds the very same model.
 WEIGHTS_PATH = "model/weights_safetensors"
 SAMPLE_DIM = "sample"
+# Sample ids are stored in core Zarr v3 types only (any Zarr v3 reader, e.g. TensorStore, reads
+# them): a uint8 array (sample, byte) of each id's UTF-8 bytes, zero-padded to a fixed width (the
+# array's attribute ``width`` and the layout's ``sample_id_bytes``). Stores written before kept
+# them as zarr-python's variable-length strings (dims ("sample",)); readers take both.
+SAMPLE_ID_DIMS = (SAMPLE_DIM, "byte")
+DEFAULT_SAMPLE_ID_BYTES = 256  # the width when the ids are not known when the layout is planned
 CODECS = ("blosc-zstd", "zstd", "blosc-lz4", "none")
 DTYPES = ("float32", "float16")
 
@@ -63,6 +69,8 @@ class StoreLayout:
     shard_samples: int
     codec: str = "blosc-zstd"
     clevel: int = 3
+    # Width of the sample_id array in bytes; None for stores that keep ids as zarr-python strings.
+    sample_id_bytes: int | None = DEFAULT_SAMPLE_ID_BYTES
 
     @property
     def n_blocks(self) -> int:
@@ -83,7 +91,7 @@ class StoreLayout:
         return sum(p.n_tokens * p.n_channels for p in self.points) * itemsize
 
     def to_attrs(self) -> dict[str, Any]:
-        return {
+        attrs: dict[str, Any] = {
             "n_samples": self.n_samples,
             "n_blocks": self.n_blocks,
             "points": [asdict(p) for p in self.points],
@@ -95,6 +103,9 @@ class StoreLayout:
             "codec": self.codec,
             "clevel": self.clevel,
         }
+        if self.sample_id_bytes is not None:  # absent from stores that keep ids as strings
+            attrs["sample_id_bytes"] = self.sample_id_bytes
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreLayout:
@@ -111,6 +122,7 @@ class StoreLayout:
             shard_samples=attrs["shard_samples"],
             codec=attrs["codec"],
             clevel=attrs["clevel"],
+            sample_id_bytes=attrs.get("sample_id_bytes"),
         )
 
 
@@ -126,11 +138,14 @@ def plan_layout(
     shard_mb: float = 16.0,
     chunk_samples: int | None = None,
     shard_samples: int | None = None,
+    sample_ids: Sequence[str] | None = None,
 ) -> StoreLayout:
     """Choose chunk and shard sizes: chunks of about ``chunk_mb``, shards of whole chunks.
 
     Chunks are balanced (``n_samples`` split into equal chunks) so that the edge chunk is not
     mostly padding. A shard is the extractor's write unit: it is written once, whole.
+    ``sample_ids`` (the source's ids) size the ``sample_id`` array to the longest id; without
+    them it is :data:`DEFAULT_SAMPLE_ID_BYTES` wide.
     """
     if dtype not in DTYPES:
         raise UsageError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -166,7 +181,43 @@ def plan_layout(
         shard_samples=shard_samples,
         codec=codec,
         clevel=clevel,
+        sample_id_bytes=DEFAULT_SAMPLE_ID_BYTES
+        if sample_ids is None
+        else sample_id_width(sample_ids),
     )
+
+
+def sample_id_width(sample_ids: Sequence[str]) -> int:
+    """Bytes needed to store every id of ``sample_ids`` in UTF-8 (at least 1)."""
+    return max((len(s.encode("utf-8")) for s in sample_ids), default=1) or 1
+
+
+def encode_sample_ids(sample_ids: Sequence[str], width: int) -> np.ndarray:
+    """Ids as the ``sample_id`` array stores them: ``(n, width)`` uint8, UTF-8, zero-padded."""
+    encoded = [s.encode("utf-8") for s in sample_ids]
+    for sample_id, raw in zip(sample_ids, encoded, strict=True):
+        if len(raw) > width:
+            raise DataSourceError(
+                f"sample id {sample_id!r} is {len(raw)} bytes long in UTF-8, but this store keeps "
+                f"ids of at most {width} bytes (layout sample_id_bytes); give the sample a "
+                "shorter name (file or folder), or plan the layout with the source's sample_ids"
+            )
+    fixed = np.array(encoded, dtype=f"S{width}").reshape(len(encoded))
+    return fixed.view(np.uint8).reshape(len(encoded), width)
+
+
+def decode_sample_ids(stored: np.ndarray) -> list[str]:
+    """Ids from values read from a ``sample_id`` array, in either encoding.
+
+    ``(n, width)`` uint8 (zero-padded UTF-8, this format) or ``(n,)`` strings (stores written
+    with zarr-python's string dtype before). The same in plain NumPy, e.g. for
+    ``xarray.open_zarr(STORE)["sample_id"].values``:
+    ``numpy.char.decode(values.view(f"S{values.shape[1]}")[:, 0], "utf-8")``.
+    """
+    if stored.ndim == 1:
+        return [str(s) for s in stored]
+    fixed = np.ascontiguousarray(stored, dtype=np.uint8).view(f"S{stored.shape[1]}")
+    return [raw.decode("utf-8") for raw in fixed[:, 0]]
 
 
 def compressors(codec: str, clevel: int) -> tuple[Any, ...]:
