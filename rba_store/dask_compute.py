@@ -22,6 +22,15 @@ def tree_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any]) -> Del
     return parts[0]
 
 
+def check_scheduler_file(scheduler_file: str | None) -> None:
+    """Refuse a ``--scheduler-file`` that does not exist (before any work, even none on Dask)."""
+    if scheduler_file is not None and not os.path.isfile(scheduler_file):
+        raise NotFoundError(
+            f"--scheduler-file {scheduler_file!r} does not exist; start a scheduler with "
+            f"'dask scheduler --scheduler-file {scheduler_file}' first"
+        )
+
+
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, scheduler_file: str | None = None) -> Iterator[Any]:
     """A ``dask.distributed`` client for a running cluster, or None for the local scheduler."""
@@ -32,11 +41,7 @@ def dask_client(scheduler: str | None = None, scheduler_file: str | None = None)
         from distributed import Client
     except ImportError as e:  # pragma: no cover - distributed is a dependency
         raise UsageError("--scheduler needs dask.distributed: pip install distributed") from e
-    if scheduler_file is not None and not os.path.isfile(scheduler_file):
-        raise NotFoundError(
-            f"--scheduler-file {scheduler_file!r} does not exist; start a scheduler with "
-            f"'dask scheduler --scheduler-file {scheduler_file}' first"
-        )
+    check_scheduler_file(scheduler_file)
     try:
         client = Client(scheduler, scheduler_file=scheduler_file, timeout="10s")
     except (OSError, TimeoutError, ValueError) as e:

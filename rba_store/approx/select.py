@@ -113,6 +113,9 @@ def original_maps(store: Store, spans: list[Span]) -> dict[Span, SpanMap]:
 
     missing = [(a, b) for a, b in spans if not store.has_analysis(FITS, f"{a}-{b}")]
     if missing:
+        from rba_store.stats import run_stats
+
+        run_stats(store)  # one pass (reused when saved): every missing map from its moments
         fit_spans(store, FitOptions(spans=tuple(missing)))
     maps = {}
     for a, b in spans:

@@ -47,6 +47,9 @@ def stats(
     cka: Annotated[
         bool, typer.Option(help="Compute the CKA matrix (the costly part for wide models).")
     ] = True,
+    backend: Annotated[
+        Backend, typer.Option(help="Where the co-moment product runs; auto: CuPy with a GPU.")
+    ] = Backend.auto,
     max_span: Annotated[int, typer.Option(help="Longest span (blocks) to rank.")] = 4,
     top: Annotated[int, typer.Option(help="Number of candidate spans to show.")] = 10,
 ) -> None:
@@ -71,6 +74,7 @@ def stats(
                 scheduler_file=str(scheduler_file) if scheduler_file else None,
                 overwrite=overwrite,
                 cka=cka,
+                backend=backend.value,
             )
     except KeyboardInterrupt:
         raise Interrupted(
@@ -121,6 +125,12 @@ def _format_fit(fit: Any) -> str:
         f"condition number {float(d['condition_number']):.3g}, rank {d['rank']}",
         f"  train    relative MSE {d['train']['relative_mse']:.4g}",
     ]
+    source = d.get("source") or {}
+    if source.get("kind") == "moments":
+        lines.append(
+            f"  solved from the joint moments saved with stats/{source['stats']} (same rows; the "
+            "activations were not read)"
+        )
     held = d.get("heldout")
     if held:
         ident = held["identity"]

@@ -73,6 +73,20 @@ def extract(
     worker_index: Annotated[
         int, typer.Option(help="Which of --num-workers this process is (0-based).")
     ] = 0,
+    stats: Annotated[
+        bool,
+        typer.Option(
+            "--stats",
+            help="Also compute the statistics and joint moments during the pass (saved as "
+            "'rba-store stats' would).",
+        ),
+    ] = False,
+    no_activations: Annotated[
+        bool,
+        typer.Option(
+            "--no-activations", help="With --stats: keep only the statistics, not the h arrays."
+        ),
+    ] = False,
     skip_unreadable: Annotated[
         bool,
         typer.Option(help="Leave out images that cannot be read (recorded in the store)."),
@@ -108,6 +122,8 @@ def extract(
         num_workers=num_workers,
         worker_index=worker_index,
         skip_unreadable=skip_unreadable,
+        stats=stats,
+        store_activations=not no_activations,
     )
     out = out or _default_out(model, data, split)
     plan = plan_extraction(options)

@@ -23,6 +23,7 @@ import numpy as np
 
 from rba_store.errors import StoreError
 from rba_store.extract.plan import ExtractionPlan
+from rba_store.extract.streamed_stats import StreamedStats
 from rba_store.store import FEATURES, LABEL, SAMPLE_ID, Store, h_name
 
 logger = logging.getLogger(__name__)
@@ -114,8 +115,10 @@ class _ShardWriter:
                 continue
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        """Wait for the shards handed over so far (a second call does nothing more)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
@@ -162,9 +165,16 @@ def run_extraction(
     store, resumed = _open_or_create(plan, out, overwrite)
     workers, index = plan.options.num_workers, plan.options.worker_index
     todo = [int(i) for i in np.flatnonzero(~store.completed_shards()) if i % workers == index]
+    activations = plan.options.store_activations
+    if not activations and resumed and store.completed_shards().any():
+        raise StoreError(
+            f"{str(out)!r} was extracted without activations and interrupted: its statistics "
+            "need every shard in one run; re-run with --overwrite"
+        )
     claim = store.claim_worker(index, workers)
     started = time.perf_counter()
     samples = 0
+    streamed = StreamedStats(store) if plan.options.stats else None
     writer = _ShardWriter(store)
     device = plan.options.device
     try:
@@ -196,8 +206,16 @@ def run_extraction(
                 if progress is not None:
                     progress(stop - start, (stop - start) * plan.layout.sample_bytes())
                 if stop == plan.layout.shard_rows(shard_idx)[1]:
+                    if streamed is not None:
+                        streamed.fold(shard_idx, buffer)
+                    if not activations:
+                        points = {h_name(k) for k in range(len(plan.layout.points))}
+                        buffer = {k: v for k, v in buffer.items() if k not in points}
                     writer.submit(shard_idx, buffer)
                     buffer = None
+        writer.close()
+        if streamed is not None:
+            streamed.finish(store)
     finally:
         try:
             writer.close()

@@ -49,6 +49,8 @@ class ExtractOptions:
     chunk_samples: int | None = None
     shard_samples: int | None = None
     skip_unreadable: bool = False  # leave out images that do not decode (else refuse them)
+    stats: bool = False  # accumulate the statistics and joint moments during the pass
+    store_activations: bool = True  # False: statistics only, the h arrays are never written
     num_workers: int = 1  # processes filling the same store, each its own shards
     worker_index: int = 0
 
@@ -109,6 +111,13 @@ def _library_versions() -> dict[str, str]:
 
 
 def _check_options(options: ExtractOptions) -> None:
+    if not options.store_activations and not options.stats:
+        raise UsageError("--no-activations keeps only the statistics: add --stats")
+    if not options.store_activations and options.num_workers > 1:
+        raise UsageError(
+            "--no-activations needs one process (its statistics cannot be read back from the "
+            "store); drop --num-workers or store the activations"
+        )
     if options.batch_size < 1:
         raise UsageError(f"--batch-size {options.batch_size} is invalid; pass a positive number")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
@@ -186,6 +195,7 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
         if source.preprocessed
         else loaded.data_config,
         "tokens": options.tokens,
+        **({} if options.store_activations else {"activations": "not stored"}),
         "dtype": options.dtype,
         "codec": {"name": options.codec, "clevel": options.clevel},
         "layout": layout.to_attrs(),

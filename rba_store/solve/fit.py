@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
 
+from rba_store.dask_compute import check_scheduler_file
 from rba_store.errors import UsageError
 from rba_store.solve._backend import get_xp
 from rba_store.solve.heldout import HoldoutSums
-from rba_store.solve.normal_eq import GEMM_DTYPES, Solution, solve, training_error
+from rba_store.solve.normal_eq import (
+    GEMM_DTYPES,
+    NormalEquations,
+    Solution,
+    solve,
+    training_error,
+)
 from rba_store.solve.passes import equations, holdout_sums
 from rba_store.solve.spans import FitOptions, Span, SpanFit, check_spans, fit_name, parse_span
-from rba_store.store import FITS, Store, StoreLayout, normalize_json
+from rba_store.store import FITS, STATS, Store, StoreLayout, normalize_json
 from rba_store.store.selection import check_tokens, usable_samples
+
+if TYPE_CHECKING:
+    from rba_store.stats.moments import Moments
 
 __all__ = [
     "FitOptions",
@@ -98,6 +109,7 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
     if options.holdout is not None and options.eval_store is not None:
         raise UsageError("--holdout and --eval-store exclude each other; pass only one")
     get_xp(options.backend)  # refuses cupy without a GPU before any work
+    check_scheduler_file(options.scheduler_file)
     store = Store.coerce(store, "r+")
     layout = store.layout
     spans = list(dict.fromkeys(options.spans))
@@ -124,7 +136,14 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
         sources.setdefault(a, []).append(b)
     plan = sorted(sources.items())
     points = sorted({a for a, _ in spans} | {b for _, b in spans})
-    accumulated = equations(store, fit_idx, plan, points, cls_only, options)
+    saved = None if len(held_idx) else _matching_moments(store, options, len(fit_idx))
+    if saved is not None:  # every span from the joint moments: the activations are not read
+        stats_name, moments, widths = saved
+        accumulated = equations_from_moments(moments, widths, plan)
+        source = {"kind": "moments", "stats": stats_name}
+    else:
+        accumulated = equations(store, fit_idx, plan, points, cls_only, options)
+        source = {"kind": "activations"}
 
     solutions: dict[Span, tuple[Solution, float]] = {}
     for a, targets in plan:
@@ -171,6 +190,7 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
             "train": {"relative_mse": train_mse},
             "heldout": None if held is None else held[i].report() | {"source": held_source},
             "options": options.describe(),
+            "source": source,
             "store_fingerprint": store.fingerprint,
         }
         if solution.gemm_error is not None:  # float32 products: their expected cost in T
@@ -182,6 +202,53 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
         Path(options.checkpoint).unlink(missing_ok=True)  # the fits are saved: no longer needed
     fitted = {f.span: f for f in fits}
     return [reused.get(s) or fitted[s] for s in order]
+
+
+def _matching_moments(
+    store: Store, options: FitOptions, n_samples: int
+) -> tuple[str, Moments, list[int]] | None:
+    """Saved statistics whose joint moments cover exactly the rows this fit asks for."""
+    from rba_store.stats.result import BlockStats  # stats imports the solver's backend
+
+    if options.gemm_dtype != "float64" or options.eval_store is not None:
+        return None
+    wanted = normalize_json(
+        {
+            "store_fingerprint": store.fingerprint,
+            "tokens": options.tokens,
+            "selection": options.selection.describe(),
+            "allow_incomplete": options.allow_incomplete,
+        }
+    )
+    for name in store.list_analyses(STATS):
+        attrs = store.analysis_attrs(STATS, name)
+        same_rows = all(attrs.get(k) == v for k, v in wanted.items())
+        if same_rows and "moment_count" in attrs and int(attrs["n_samples"]) == n_samples:
+            stats = BlockStats.from_dataset(store.read_analysis(STATS, name))  # type: ignore[arg-type]
+            assert stats.moments is not None
+            return name, stats.moments, stats.widths
+    return None
+
+
+def equations_from_moments(
+    moments: Moments, widths: list[int], plan: list[tuple[int, list[int]]]
+) -> dict[int, NormalEquations]:
+    """The normal equations of every source and its targets, read off the joint moments of the
+    rows of ``[h0 | ... | hL]``: XᵀX is block (a, a), XᵀY block (a, b) (centred, with means)."""
+    edges = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+    cols = [slice(edges[k], edges[k + 1]) for k in range(len(widths))]
+    out = {}
+    for a, targets in plan:
+        ys = [cols[b] for b in targets]
+        out[a] = NormalEquations(
+            n=int(moments.n),
+            mean_x=moments.mean[cols[a]],
+            mean_y=np.concatenate([moments.mean[y] for y in ys]),
+            sxx=moments.m2[cols[a], cols[a]],
+            sxy=np.concatenate([moments.m2[cols[a], y] for y in ys], axis=1),
+            syy=np.concatenate([np.diag(moments.m2[y, y]) for y in ys]),
+        )
+    return out
 
 
 def _reusable(

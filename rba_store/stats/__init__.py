@@ -34,6 +34,7 @@ def run_stats(
     scheduler_file: str | None = None,
     overwrite: bool = False,
     cka: bool = True,
+    backend: str = "auto",
 ) -> tuple[BlockStats, bool]:
     """Compute (or reuse) the statistics saved as ``stats/<name>``. Returns (stats, reused).
 
@@ -67,6 +68,7 @@ def run_stats(
         scheduler=scheduler,
         scheduler_file=scheduler_file,
         cka=cka,
+        backend=backend,
     )
     stats.attrs["name"] = name
     store.write_analysis(STATS, name, stats.to_dataset())

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
+
+from rba_store.solve._backend import to_numpy
 
 _TINY = np.finfo(np.float64).tiny
 
@@ -28,11 +31,13 @@ class Moments:
     m2: np.ndarray  # (p, p)
 
     @classmethod
-    def from_rows(cls, z_rp: np.ndarray) -> Moments:
-        z_rp = np.asarray(z_rp, dtype=np.float64)
-        mean = z_rp.mean(axis=0)
-        zc = z_rp - mean
-        return cls(len(z_rp), mean, zc.T @ zc)
+    def from_rows(cls, z_rp: np.ndarray, xp: ModuleType = np) -> Moments:
+        """The moments of rows ``z_rp``; the (p, p) product runs where ``xp`` (NumPy or CuPy)
+        computes, in float64, and the result comes back to the host."""
+        z = xp.asarray(z_rp, dtype=xp.float64)
+        mean = z.mean(axis=0)
+        zc = z - mean
+        return cls(len(z), to_numpy(mean), to_numpy(zc.T @ zc))
 
     def merge(self, other: Moments) -> Moments:
         """Chan et al.: exact combination of two disjoint sets of rows."""
@@ -71,7 +76,9 @@ class BlockPartials:
         )
 
 
-def chunk_partials(points: Sequence[np.ndarray], cka: bool = True) -> BlockPartials:
+def chunk_partials(
+    points: Sequence[np.ndarray], cka: bool = True, xp: ModuleType = np
+) -> BlockPartials:
     """Partials of one chunk: ``points[k]`` is ``h_k``, shape ``(n, t, c_k)``, any float dtype.
 
     Every point is converted to float64 once. Per-sample squared changes between all pairs of
@@ -115,7 +122,7 @@ def chunk_partials(points: Sequence[np.ndarray], cka: bool = True) -> BlockParti
     norm_sum = np.array([np.sqrt(s).sum() for s in sq_norm])
     if cka and all(h.shape[1] == t for h in hs):
         z_rp = np.concatenate([h.reshape(n * t, -1) for h in hs], axis=1)
-        moments = Moments.from_rows(z_rp)
+        moments = Moments.from_rows(z_rp, xp)
     else:  # CKA skipped, or impossible: it needs token rows shared by all points
         moments = Moments(0, np.zeros(0), np.zeros((0, 0)))
     return BlockPartials(n, n * t, sq, rel, cos, norm_sum, moments)

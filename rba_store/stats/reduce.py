@@ -16,6 +16,7 @@ import numpy as np
 from dask.delayed import Delayed
 
 from rba_store.dask_compute import compute, tree_reduce
+from rba_store.solve._backend import get_xp
 from rba_store.stats.moments import BlockPartials, chunk_partials
 from rba_store.stats.result import BlockStats
 from rba_store.store import SampleSelection, Store
@@ -24,12 +25,12 @@ from rba_store.store.selection import check_tokens, usable_samples
 
 
 def _shard_partials(
-    local_idx: np.ndarray, cls_only: bool, cka: bool, *chunks: np.ndarray
+    local_idx: np.ndarray, cls_only: bool, cka: bool, backend: str, *chunks: np.ndarray
 ) -> BlockPartials:
     points = [chunk[local_idx] for chunk in chunks]
     if cls_only:
         points = [p[:, :1] for p in points]
-    return chunk_partials(points, cka)
+    return chunk_partials(points, cka, get_xp(backend))
 
 
 def _merge(a: BlockPartials, b: BlockPartials) -> BlockPartials:
@@ -41,13 +42,14 @@ def stats_graph(
     indices: np.ndarray,
     tokens: str = "all",
     cka: bool = True,
+    backend: str = "numpy",
 ) -> tuple[Delayed, int]:
     """The lazy reduction and its number of shard tasks (one per shard with selected samples)."""
     layout = store.layout
     points = list(range(len(layout.points)))
     task = dask.delayed(on_shard, pure=True)
     parts = [
-        task(_shard_partials, store, points, start, stop, local, tokens == "cls", cka)
+        task(_shard_partials, store, points, start, stop, local, tokens == "cls", cka, backend)
         for local, start, stop in shard_ranges(layout, indices)
     ]
     return tree_reduce(parts, _merge), len(parts)
@@ -62,6 +64,7 @@ def compute_block_stats(
     scheduler: str | None = None,
     scheduler_file: str | None = None,
     cka: bool = True,
+    backend: str = "auto",
 ) -> BlockStats:
     """BR, relative change, cosine, norms and exact linear CKA of every block, in one pass.
 
@@ -70,10 +73,11 @@ def compute_block_stats(
     """
     selection = selection or SampleSelection()
     store = Store.coerce(store)
+    get_xp(backend)  # refuses cupy without a GPU before any work
     check_tokens(store, tokens)
     available = usable_samples(store, allow_incomplete)
     indices = selection.indices(available, store)
-    graph, n_tasks = stats_graph(store, indices, tokens, cka)
+    graph, n_tasks = stats_graph(store, indices, tokens, cka, backend)
     partials = compute(graph, scheduler, scheduler_file, n_tasks)
     widths = [p.n_channels for p in store.layout.points]
     attrs = {

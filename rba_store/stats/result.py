@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from rba_store.stats.moments import BlockPartials, cka_from_moments
+from rba_store.stats.moments import BlockPartials, Moments, cka_from_moments
 
 
 @dataclass
@@ -24,6 +24,10 @@ class BlockStats:
     n_samples: int
     n_rows: int
     attrs: dict[str, Any] = field(default_factory=dict)
+    # The joint moments of the rows of [h0 | ... | hL] (count, mean, centred co-moment): what
+    # the CKA is made of, and the normal equations of every span (``fit`` solves from them).
+    moments: Moments | None = None
+    widths: list[int] = field(default_factory=list)
 
     @property
     def n_blocks(self) -> int:
@@ -51,6 +55,8 @@ class BlockStats:
             n_samples=n,
             n_rows=partials.n_rows,
             attrs=attrs,
+            moments=partials.moments if m2.size else None,
+            widths=list(widths),
         )
 
     def candidates(self, max_span: int = 4, top: int = 10) -> list[dict[str, Any]]:
@@ -99,7 +105,7 @@ class BlockStats:
     def to_dataset(self) -> xr.Dataset:
         blocks = np.arange(1, self.n_blocks + 1)
         points = np.arange(self.n_blocks + 1)
-        return xr.Dataset(
+        ds = xr.Dataset(
             {
                 "br": ("block", self.br),
                 "relative_change": ("block", self.relative_change),
@@ -111,11 +117,23 @@ class BlockStats:
             coords={"block": blocks, "point": points, "point_b": points},
             attrs=self.attrs | {"n_samples": self.n_samples, "n_rows": self.n_rows},
         )
+        if self.moments is not None:
+            ds["moment_mean"] = ("feature", self.moments.mean)
+            ds["moment_m2"] = (("feature", "feature_b"), self.moments.m2)
+            ds["feature_point"] = ("feature", np.repeat(points, self.widths))
+            ds.attrs["moment_count"] = int(self.moments.n)
+            ds.attrs["moment_widths"] = [int(w) for w in self.widths]
+        return ds
 
     @classmethod
     def from_dataset(cls, ds: xr.Dataset) -> BlockStats:
         attrs = dict(ds.attrs)
         n_samples, n_rows = int(attrs.pop("n_samples")), int(attrs.pop("n_rows"))
+        moments, widths = None, []
+        if "moment_m2" in ds:
+            n = int(attrs.pop("moment_count"))
+            widths = [int(w) for w in attrs.pop("moment_widths")]
+            moments = Moments(n, ds["moment_mean"].values, ds["moment_m2"].values)
         return cls(
             br=ds["br"].values,
             relative_change=ds["relative_change"].values,
@@ -126,6 +144,8 @@ class BlockStats:
             n_samples=n_samples,
             n_rows=n_rows,
             attrs=attrs,
+            moments=moments,
+            widths=widths,
         )
 
     def format_table(self, max_span: int = 4, top: int = 10) -> str:

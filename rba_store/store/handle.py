@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from rba_store.errors import ConfigMismatchError, NotFoundError, StoreError
+from rba_store.errors import ConfigMismatchError, NotFoundError, StoreError, UsageError
 from rba_store.store import analyses, claims
 from rba_store.store.fingerprint import describe_differences, fingerprint, normalize
 from rba_store.store.layout import (
@@ -232,8 +232,19 @@ class Store:
         """``h_k``: the residual stream after ``k`` blocks."""
         return self.array(h_name(k))
 
+    @property
+    def holds_activations(self) -> bool:
+        """False for a store extracted with ``--no-activations`` (statistics only)."""
+        return self.description.get("activations") != "not stored"
+
     def read_points(self, points: Sequence[int], start: int, stop: int) -> list[np.ndarray]:
         """``h_k[start:stop]`` for every k in ``points``."""
+        if not self.holds_activations:
+            raise UsageError(
+                f"{str(self.path)!r} holds no activations (extracted with --no-activations): "
+                "only what its saved statistics answer (stats, and fit/select/evaluate --auto "
+                "of all its rows, from the joint moments) works on it"
+            )
         return [self.point(k)[start:stop] for k in points]
 
     def sample_ids(self, start: int = 0, stop: int | None = None) -> list[str]:
@@ -325,6 +336,10 @@ class Store:
         if kind not in self.group:
             return []
         return sorted(name for name, _ in self.group[kind].groups())  # type: ignore[union-attr]
+
+    def analysis_attrs(self, kind: str, name: str) -> dict[str, Any]:
+        """The attributes of a saved analysis, without reading its arrays."""
+        return dict(self.group[analyses.analysis_path(kind, name)].attrs)
 
     def read_analysis(self, kind: str, name: str) -> xr.Dataset | None:
         """A saved analysis as an in-memory Dataset, or None when there is none."""

@@ -29,7 +29,7 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
             "shards": list(array.shards) if array.shards else None,
             "bytes_stored": stored,
         }
-        if name in names or name == FEATURES:
+        if (name in names and store.holds_activations) or name == FEATURES:
             stored_total += stored
             raw_total += raw
     complete = store.completed_shards()
@@ -64,6 +64,7 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
         "versions": description["versions"],
         "run": description.get("run", {}),
         "analyses": {kind: store.list_analyses(kind) for kind in (STATS, FITS)},
+        "activations": store.holds_activations,
     }
 
 

@@ -22,7 +22,7 @@ def validate_store(store: Store | str | Path) -> dict[str, Any]:
             "the fingerprint does not match the attributes: they were edited after extraction"
         )
     layout = store.layout
-    names = [h_name(k) for k in range(len(layout.points))]
+    names = [h_name(k) for k in range(len(layout.points))] if store.holds_activations else []
     arrays = {}
     for k, name in enumerate(names):
         try:

@@ -1,0 +1,71 @@
+"""Block statistics and joint moments accumulated during extraction (``extract --stats``).
+
+Each shard's float64 partials are computed from the shard buffer just before it is written —
+the very values the store holds — and folded into one accumulator; shards completed by an
+earlier run (or another worker) are read back from the store. When the store is complete the
+result is saved as the default statistics, exactly what ``rba-store stats`` would save (and
+then reuses), joint moments included: BR, CKA and the map of every span from the one forward
+pass. With ``--no-activations`` the ``h`` arrays are never written, so a data set too large to
+store still yields all of that; such a run cannot resume (its earlier shards are gone).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rba_store.errors import StoreError
+from rba_store.stats import default_name
+from rba_store.stats.moments import BlockPartials, chunk_partials
+from rba_store.stats.result import BlockStats
+from rba_store.store import STATS, SampleSelection, Store, h_name
+
+
+class StreamedStats:
+    """The statistics' partials of the shards seen so far."""
+
+    def __init__(self, store: Store) -> None:
+        self.n_points = len(store.layout.points)
+        self.partials: BlockPartials | None = None
+        self.folded: set[int] = set()
+
+    def fold(self, shard_idx: int, buffer: dict[str, np.ndarray]) -> None:
+        """Add one complete shard (``buffer`` as the writer takes it)."""
+        self._add(shard_idx, [buffer[h_name(k)] for k in range(self.n_points)])
+
+    def _add(self, shard_idx: int, points: list[np.ndarray]) -> None:
+        partial = chunk_partials(points, cka=True)
+        self.partials = partial if self.partials is None else self.partials.merge(partial)
+        self.folded.add(shard_idx)
+
+    def finish(self, store: Store) -> BlockStats | None:
+        """Save the statistics when the store is complete (None while it is not)."""
+        complete = store.completed_shards()
+        if not complete.all():
+            return None
+        layout = store.layout
+        for shard in range(layout.n_shards):
+            if shard not in self.folded:  # written by an earlier run or another worker
+                if not store.holds_activations:
+                    raise StoreError(
+                        f"shard {shard} of {str(store)!r} was extracted without activations by "
+                        "another run: its statistics are lost; re-run with --overwrite"
+                    )
+                start, stop = layout.shard_rows(shard)
+                self._add(shard, store.read_points(list(range(self.n_points)), start, stop))
+        assert self.partials is not None
+        tokens = store.description["tokens"]
+        selection = SampleSelection()
+        attrs = {
+            "kind": "block_stats",
+            "store_fingerprint": store.fingerprint,
+            "tokens": tokens,
+            "selection": selection.describe(),
+            "allow_incomplete": False,
+            "cka": True,
+            "computed": "during extraction",
+            "name": default_name(tokens, selection, True),
+        }
+        widths = [p.n_channels for p in layout.points]
+        stats = BlockStats.from_partials(self.partials, widths, attrs)
+        store.write_analysis(STATS, attrs["name"], stats.to_dataset())
+        return stats
