@@ -2,14 +2,23 @@
 side with the in-memory alternatives (torch / numpy lstsq, scikit-learn).
 
 For each width D, a synthetic ViT-like store (197 tokens, float32, blosc-zstd) is fitted for span
-0:1 (all tokens as rows). Every method runs in a fresh child process (its own peak RSS):
+0:1 (all tokens as rows): at least 200,000 rows in the quick size, 1,000,000 in the full size,
+where users run it (at 25k rows the fixed costs of a fit outweigh its products). Every method runs
+in a fresh child process (its own peak RSS):
   - fit:     rba-store's ``fit_spans`` from the store, end to end (open, read, decompress, cast,
-             centre, accumulate, solve, save); fit32 is the same with ``gemm_dtype="float32"``;
-  - limit:   the same two float64 products, XᵀX and XᵀY, on the same rows already in memory;
+             centre, accumulate, solve, save), after an untimed fit of one shard that pays the
+             fresh-process costs (imports, thread pools; reported apart); fit32 is the same with
+             ``gemm_dtype="float32"``;
+  - dask_lstsq: the out-of-core peer, ``dask.array.linalg.lstsq`` (tall-and-skinny QR) on the same
+             Zarr arrays (``da.from_zarr``, shard-aligned chunks, reshaped to rows), float64;
+  - limit:   the same two float64 products, XᵀX and XᵀY, on rows already in memory: the
+             machine's own float64 GEMM rate, measured in the same run;
   - torch32 / torch64 / numpy: ``lstsq`` on all rows in memory (the reference approach);
   - sklearn_ridge (alpha 1e-6) / sklearn_linreg: scikit-learn on all rows, float64.
-All in-memory methods run at the same N as ``fit``: the size's N, capped so that they fit in memory.
-GFLOP/s counts 2·rows·D² per product; T errors are max |T - T_lstsq| against float64 numpy lstsq.
+The in-memory methods run on the store's rows, capped so that they fit in half the free memory;
+when capped, the store repeats its first M samples (``period``), so that its least-squares map is
+exactly theirs, and times are compared per row. GFLOP/s counts 2·rows·D² per product; T errors
+are max |T - T_lstsq| against float64 numpy lstsq on the in-memory rows.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ METHODS = (
     "fit",
     "fit32",
     "fit_ckpt",
+    "dask_lstsq",
     "limit",
     "torch32",
     "torch64",
@@ -42,6 +52,7 @@ METHODS = (
 )
 # same code paths as fit, torch32, ridge
 SMOKE_SKIPS = ("fit32", "fit_ckpt", "torch64", "sklearn_linreg")
+FIT_METHODS = ("fit", "fit32", "fit_ckpt", "dask_lstsq")  # from the store, all its rows
 BYTES_PER_ROW_CHANNEL = 48  # peak of the in-memory lstsq methods: ~44 bytes per row and channel
 LIMIT_RATIO_TARGET = 0.7  # for D >= 384
 T_ERROR_TARGET = 1e-6
@@ -57,6 +68,7 @@ def fit_child(store: str, gemm_dtype: str, checkpoint: str | None = None) -> dic
     pools); its time is returned as ``first_call_seconds``. With ``checkpoint``, the timed fit
     saves its partial sums there after every group of shards (``--checkpoint-every 0``).
     """
+    start = time.perf_counter()  # the fresh-process cost includes rba-store's imports
     from rba_store.solve import FitOptions, fit_spans
     from rba_store.store import Store
     from rba_store.store.selection import SampleSelection
@@ -74,7 +86,6 @@ def fit_child(store: str, gemm_dtype: str, checkpoint: str | None = None) -> dic
         )
 
     shard = Store.open(store).layout.shard_samples
-    start = time.perf_counter()
     fit_spans(store, options("bench-warm-up", SampleSelection(limit=shard)))
     first_call = time.perf_counter() - start
     start = time.perf_counter()
@@ -83,10 +94,43 @@ def fit_child(store: str, gemm_dtype: str, checkpoint: str | None = None) -> dic
     return {"seconds": seconds, "first_call_seconds": first_call, "t": fit.solution.t}
 
 
-def limit_child(store: str, repeats: int = 3) -> dict[str, Any]:
+def _dask_rows(store: str, point_idx: int, n_samples: int | None = None) -> Any:
+    """``h_k`` as Dask rows ``(samples·tokens, channels)``, float64, one chunk per shard."""
+    import dask.array as da
+    import zarr
+
+    from rba_store import store as rs
+
+    group = zarr.open_group(store, mode="r", use_consolidated=False)
+    array = group[rs.h_name(point_idx)]
+    shard = (array.shards or array.chunks)[0]
+    h = da.from_zarr(array, chunks=(shard, *array.shape[1:]))
+    if n_samples is not None:
+        h = h[:n_samples]
+    return h.reshape(-1, array.shape[-1]).astype(np.float64)
+
+
+def dask_lstsq_child(store: str) -> dict[str, Any]:
+    """``dask.array.linalg.lstsq`` (tall-and-skinny QR) on the store's Zarr arrays, after one
+    untimed solve of the first shard (imports, thread pools; returned as ``first_call_seconds``).
+    """
+    start = time.perf_counter()
+    from dask.array.linalg import lstsq
+
+    x = _dask_rows(store, 0)
+    shard = x.chunks[0][0] // TOKENS
+    lstsq(_dask_rows(store, 0, shard), _dask_rows(store, 1, shard))[0].compute()
+    first_call = time.perf_counter() - start
+    start = time.perf_counter()
+    t = lstsq(x, _dask_rows(store, 1))[0].compute()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "first_call_seconds": first_call, "t": np.asarray(t)}
+
+
+def limit_child(store: str, n_samples: int, repeats: int = 3) -> dict[str, Any]:
     """The two float64 products on rows already in memory (the fastest of ``repeats``)."""
-    x = read_rows(store, 0).astype(np.float64)
-    y = read_rows(store, 1).astype(np.float64)
+    x = read_rows(store, 0, n_samples).astype(np.float64)
+    y = read_rows(store, 1, n_samples).astype(np.float64)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -116,12 +160,13 @@ def _lstsq(method: str, x32: np.ndarray, y32: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(x, y, rcond=None)[0]
 
 
-def lstsq_child(store: str, method: str) -> dict[str, Any]:
-    """An in-memory least-squares solver on all rows, after an untimed call on a few rows.
+def lstsq_child(store: str, method: str, n_samples: int) -> dict[str, Any]:
+    """An in-memory least-squares solver on the first ``n_samples``' rows, after an untimed call
+    on a few rows.
 
     Timed: the dtype conversion (the rows are loaded as stored, float32) and the solve.
     """
-    x32, y32 = read_rows(store, 0), read_rows(store, 1)
+    x32, y32 = read_rows(store, 0, n_samples), read_rows(store, 1, n_samples)
     warm = 4 * x32.shape[1]
     _lstsq(method, x32[:warm], y32[:warm])
     start = time.perf_counter()
@@ -130,58 +175,70 @@ def lstsq_child(store: str, method: str) -> dict[str, Any]:
     return {"seconds": seconds, "t": np.asarray(t, dtype=np.float64)}
 
 
-def measure(method: str, store: Path, work: Path) -> dict[str, Any]:
+def measure(method: str, store: Path, work: Path, n_mem: int) -> dict[str, Any]:
     if method in ("fit", "fit32", "fit_ckpt"):
         dtype = "float32" if method == "fit32" else "float64"
         checkpoint = str(work / "solver.ckpt.npz") if method == "fit_ckpt" else None
         return run_in_child(
             fit_child, work, store=str(store), gemm_dtype=dtype, checkpoint=checkpoint
         )
+    if method == "dask_lstsq":
+        return run_in_child(dask_lstsq_child, work, store=str(store))
     if method == "limit":
-        return run_in_child(limit_child, work, store=str(store))
-    return run_in_child(lstsq_child, work, store=str(store), method=method)
+        return run_in_child(limit_child, work, store=str(store), n_samples=n_mem)
+    return run_in_child(lstsq_child, work, store=str(store), method=method, n_samples=n_mem)
 
 
 # -- the benchmark ------------------------------------------------------------------------------
 
 
-def n_samples_for(ctx: Context, d: int) -> int:
-    """The size's N, capped so that the in-memory alternatives fit in half the free memory."""
-    wanted = ctx.pick(smoke=24, quick=128, full=1000)
+def n_samples_for(ctx: Context, d: int) -> tuple[int, int]:
+    """The store's N (the size's rows) and the in-memory methods' N (capped so that they fit in
+    half the free memory)."""
+    rows = ctx.pick(smoke=24 * TOKENS, quick=200_000, full=1_000_000)
+    n_store = -(-rows // TOKENS)
     budget = available_bytes() // 2
-    return max(8, min(wanted, budget // (BYTES_PER_ROW_CHANNEL * d * TOKENS)))
+    return n_store, max(8, min(n_store, budget // (BYTES_PER_ROW_CHANNEL * d * TOKENS)))
 
 
 def run_width(ctx: Context, d: int, repeats: int, figures: Figures) -> list[dict[str, Any]]:
     """Measure every method at width ``d``; add its figures; return one row per method."""
-    n_samples = n_samples_for(ctx, d)
-    rows = n_samples * TOKENS
-    store = write_store(ctx.work / f"solver-d{d}.zarr", n_samples, d)
+    n_store, n_mem = n_samples_for(ctx, d)
+    period = n_mem if n_mem < n_store else None
+    store = write_store(ctx.work / f"solver-d{d}.zarr", n_store, d, period=period)
     methods = [m for m in METHODS if ctx.size != "smoke" or m not in SMOKE_SKIPS]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     try:
         for _ in range(repeats):  # interleaved, so drift on a shared machine hits every method
             for method in methods:
-                runs[method].append(measure(method, store, ctx.work))
+                runs[method].append(measure(method, store, ctx.work, n_mem))
     finally:
         shutil.rmtree(store, ignore_errors=True)
     seconds = {m: statistics.median(r["seconds"] for r in runs[m]) for m in methods}
+    rows = {m: (n_store if m in FIT_METHODS else n_mem) * TOKENS for m in methods}
+    gflops = {m: 2 * 2 * rows[m] * d * d / seconds[m] / 1e9 for m in methods}  # XᵀX and XᵀY
+    per_row = {m: seconds[m] / rows[m] for m in methods}
     reference = runs["numpy"][0]["t"]
-    flop = 2 * 2 * rows * d * d  # XᵀX and XᵀY, 2·rows·D² each
+    fit_t = runs["fit"][0]["t"]
 
-    figures.add(f"rows_d{d}", rows, "rows")
-    figures.add(f"fit_rows_per_s_d{d}", rows / seconds["fit"], "rows/s")
-    figures.add(f"fit_gflops_d{d}", flop / seconds["fit"] / 1e9, "GFLOP/s")
+    figures.add(f"rows_d{d}", rows["fit"], "rows")
+    figures.add(f"fit_rows_per_s_d{d}", rows["fit"] / seconds["fit"], "rows/s")
+    figures.add(f"fit_gflops_d{d}", gflops["fit"], "GFLOP/s")
     first_call = statistics.median(r["first_call_seconds"] for r in runs["fit"])
     figures.add(f"fit_first_call_seconds_d{d}", first_call, "s")
-    figures.add(f"limit_gflops_d{d}", flop / seconds["limit"] / 1e9, "GFLOP/s")
+    figures.add(f"limit_gflops_d{d}", gflops["limit"], "GFLOP/s")
     target = at_least(LIMIT_RATIO_TARGET) if d >= 384 else None
-    figures.add(f"limit_ratio_d{d}", seconds["limit"] / seconds["fit"], "ratio", target)
+    figures.add(f"limit_ratio_d{d}", gflops["fit"] / gflops["limit"], "ratio", target)
     if "fit32" in seconds:
-        figures.add(f"fit32_limit_ratio_d{d}", seconds["limit"] / seconds["fit32"], "ratio")
+        figures.add(f"fit32_limit_ratio_d{d}", gflops["fit32"] / gflops["limit"], "ratio")
     if "fit_ckpt" in seconds:
         overhead = seconds["fit_ckpt"] / seconds["fit"]
         figures.add(f"checkpoint_overhead_d{d}", overhead, "ratio")
+    dask_first = statistics.median(r["first_call_seconds"] for r in runs["dask_lstsq"])
+    figures.add(f"dask_lstsq_first_call_seconds_d{d}", dask_first, "s")
+    dask_t = runs["dask_lstsq"][0]["t"]
+    rel = float(np.linalg.norm(dask_t - fit_t) / np.linalg.norm(fit_t))
+    figures.add(f"dask_lstsq_t_rel_diff_vs_fit_d{d}", rel, "rel")
     out = []
     for method in methods:
         t = runs[method][0].get("t")
@@ -194,25 +251,75 @@ def run_width(ctx: Context, d: int, repeats: int, figures: Figures) -> list[dict
             figures.add(f"{method}_t_max_abs_err_d{d}", error, "abs", err_target)
         if not method.startswith(("fit", "limit")):
             speed_target = at_least(1.0) if method.startswith("torch") else None
-            speedup = seconds[method] / seconds["fit"]
+            speedup = per_row[method] / per_row["fit"]  # time per row: equal rows, time ratio
             figures.add(f"speedup_vs_{method}_d{d}", speedup, "ratio", speed_target)
+        if method == "dask_lstsq":
+            rss_ratio = rss / max(r["peak_rss_mb"] for r in runs["fit"])
+            figures.add(f"rss_ratio_dask_lstsq_vs_fit_d{d}", rss_ratio, "ratio")
         out.append(
             {
                 "d": d,
-                "rows": rows,
+                "rows": rows[method],
                 "method": method,
                 "seconds": seconds[method],
-                "gflops": flop / seconds[method] / 1e9,
-                "limit_ratio": seconds["limit"] / seconds[method],
+                "gflops": gflops[method],
+                "limit_ratio": gflops[method] / gflops["limit"],
                 "rss": rss,
                 "error": error,
+                "rel_diff": rel,
+                "first_call": statistics.median(
+                    r.get("first_call_seconds", float("nan")) for r in runs[method]
+                ),
             }
         )
     return out
 
 
+def _headline(rows: list[dict[str, Any]]) -> str:
+    """Per D: fit from the store against the machine's GEMM rate and against Dask's lstsq."""
+    by = {(r["d"], r["method"]): r for r in rows}
+    out = []
+    for d in dict.fromkeys(r["d"] for r in rows):
+        fit, limit, dask = by[(d, "fit")], by[(d, "limit")], by[(d, "dask_lstsq")]
+        out.append(
+            [
+                d,
+                f"{fit['rows']:,}",
+                fmt(fit["first_call"]),
+                fmt(fit["seconds"]),
+                fmt(fit["gflops"]),
+                fmt(limit["gflops"]),
+                f"**{fmt(fit['limit_ratio'], 2)}**",
+                fmt(dask["first_call"]),
+                fmt(dask["seconds"]),
+                fmt((dask["seconds"] / dask["rows"]) / (fit["seconds"] / fit["rows"]), 2),
+                fmt(fit["rss"]),
+                fmt(dask["rss"]),
+                f"{dask['rel_diff']:.1e}",
+            ]
+        )
+    return table(
+        [
+            "D",
+            "rows (store)",
+            "fit: fresh-process s",
+            "fit s",
+            "fit GFLOP/s",
+            "float64 GEMM GFLOP/s",
+            "fit ÷ GEMM",
+            "dask lstsq: fresh-process s",
+            "dask lstsq s",
+            "dask ÷ fit (time)",
+            "fit peak RSS MB",
+            "dask peak RSS MB",
+            "‖T_dask - T_fit‖ ÷ ‖T_fit‖",
+        ],
+        out,
+    )
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    header = ["D", "rows", "method", "s", "rows/s", "GFLOP/s", "limit ÷ this", "peak RSS MB"]
+    header = ["D", "rows", "method", "s", "rows/s", "GFLOP/s", "÷ GEMM rate", "peak RSS MB"]
     return table(
         [*header, "T max abs err"],
         [
@@ -254,7 +361,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def run(ctx: Context) -> Section:
-    widths = ctx.pick(smoke=(64,), quick=(192, 384, 768, 1024), full=(192, 384, 768, 1024))
+    widths = ctx.pick(smoke=(64,), quick=(192, 384, 768), full=(192, 384, 768, 1024))
     repeats = ctx.pick(smoke=1, quick=1, full=3)
     figures = Figures("solver")
     rows = [row for d in widths for row in run_width(ctx, d, repeats, figures)]
@@ -262,19 +369,30 @@ def run(ctx: Context) -> Section:
     markdown = "\n\n".join(
         [
             "**What is measured:** `fit` of span 0:1 (all 197 tokens per sample as rows, "
-            "float64, NumPy backend) from a compressed synthetic store (float32, blosc-zstd), end "
-            "to end (open, read, decompress, cast, centre, accumulate, solve, save), in a child "
-            "process that has first fitted one shard untimed (the first-call costs of a fresh "
-            "process are reported apart as `fit_first_call_seconds_d*`). *limit*: the same two "
-            "float64 products XᵀX and XᵀY on the same rows already in memory (fastest of 3). "
-            "In-memory alternatives at the same N (rows loaded as stored, float32; the cast to "
-            "float64 and the solve are timed, after an untimed call on a few rows): "
+            "float64, NumPy backend) from a compressed synthetic store (float32, blosc-zstd; "
+            f"{rows[0]['rows']:,} rows in this size), end to end (open, read, decompress, cast, "
+            "centre, accumulate, solve, save), in a child process that has first fitted one "
+            "shard untimed: that untimed fit, with rba-store's imports, is the *fresh-process* "
+            "cost (imports, thread pools), reported apart as `fit_first_call_seconds_d*`. "
+            "*limit*: the same two float64 products XᵀX and XᵀY on rows already in memory "
+            "(fastest of 3): the machine's own float64 GEMM rate, measured in the same run; "
+            "*fit ÷ GEMM* is fit GFLOP/s ÷ that rate (4·rows·D² flop). *dask_lstsq*: the "
+            "out-of-core peer, `dask.array.linalg.lstsq` (tall-and-skinny QR, default threaded "
+            "scheduler) on the same Zarr arrays (`da.from_zarr`, one chunk per shard, reshaped "
+            "to rows, cast to float64), timed after an untimed solve of one shard (its "
+            "fresh-process cost). "
+            "In-memory alternatives on the same rows, capped to half the free memory (when "
+            "capped, the store repeats its first M samples, so the least-squares map is the "
+            "same, and times are compared per row); rows loaded as stored, float32; the cast to "
+            "float64 and the solve are timed, after an untimed call on a few rows: "
             "`torch.linalg.lstsq` float32 and float64, `numpy.linalg.lstsq`, scikit-learn "
             "`Ridge` (alpha 1e-6) and `LinearRegression`. Each method in its own process (peak "
             f"RSS); median of {repeats} interleaved run(s). T error: max |T - T_lstsq| against "
             "float64 `numpy.linalg.lstsq`. fit32 is `fit --gemm float32`; fit_ckpt is `fit "
             "--checkpoint FILE --checkpoint-every 0` (partial sums saved after every group of "
             "shards; `checkpoint_overhead_d*` = its time ÷ fit's).",
+            _headline(rows),
+            "All methods:",
             _table(rows),
             "![solver](plots/solver.png)",
         ]
