@@ -160,7 +160,6 @@ def evaluate_variants(
             raise UsageError(f"--limit {limit} is out of range; pass 1..{len(source)}")
         source = source.limited(limit)
     preprocess = make_preprocess(loaded.data_config)
-    classifier_ = chosen
     models = [("original", loaded.module, [])] + [
         (v.name, replace_spans(loaded.module, v.maps), v.spans) for v in variants
     ]
@@ -172,7 +171,7 @@ def evaluate_variants(
         x = source.load(start, min(start + batch_size, len(source)), preprocess).to(device)
         first_batch = x if first_batch is None else first_batch
         for name, model, _ in models:
-            predictions[name].append(classifier_.predict(model, x))
+            predictions[name].append(chosen.predict(model, x))
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -201,7 +200,7 @@ def evaluate_variants(
         if progress is not None:
             progress(done, total)
     return {
-        "classifier": classifier_.describe(),
+        "classifier": chosen.describe(),
         "test_samples": len(source),
         "device": device,
         "variants": results,

@@ -16,6 +16,7 @@ import numpy as np
 from rba_store.errors import StoreError
 from rba_store.stats import default_name
 from rba_store.stats.moments import BlockPartials, chunk_partials
+from rba_store.stats.reduce import stats_attrs
 from rba_store.stats.result import BlockStats
 from rba_store.store import STATS, SampleSelection, Store, h_name
 
@@ -55,13 +56,7 @@ class StreamedStats:
         assert self.partials is not None
         tokens = store.description["tokens"]
         selection = SampleSelection()
-        attrs = {
-            "kind": "block_stats",
-            "store_fingerprint": store.fingerprint,
-            "tokens": tokens,
-            "selection": selection.describe(),
-            "allow_incomplete": False,
-            "cka": True,
+        attrs = stats_attrs(store, tokens, selection, False, True) | {
             "computed": "during extraction",
             "name": default_name(tokens, selection, True),
         }

@@ -80,7 +80,15 @@ def compute_block_stats(
     graph, n_tasks = stats_graph(store, indices, tokens, cka, backend)
     partials = compute(graph, scheduler, scheduler_file, n_tasks)
     widths = [p.n_channels for p in store.layout.points]
-    attrs = {
+    attrs = stats_attrs(store, tokens, selection, allow_incomplete, cka)
+    return BlockStats.from_partials(partials, widths, attrs)
+
+
+def stats_attrs(
+    store: Store, tokens: str, selection: SampleSelection, allow_incomplete: bool, cka: bool
+) -> dict[str, object]:
+    """What saved statistics record of the rows they cover (what reuse checks compare)."""
+    return {
         "kind": "block_stats",
         "store_fingerprint": store.fingerprint,
         "tokens": tokens,
@@ -88,4 +96,3 @@ def compute_block_stats(
         "allow_incomplete": allow_incomplete,
         "cka": cka,
     }
-    return BlockStats.from_partials(partials, widths, attrs)
