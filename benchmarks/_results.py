@@ -107,10 +107,15 @@ class Context:
     size: Size
     work: Path
     plots: Path
+    repeats: int | None = None  # --repeats: overrides every benchmark's own number of repeats
 
     def pick(self, smoke: T, quick: T, full: T) -> T:
         """The value for this run's size."""
         return {"smoke": smoke, "quick": quick, "full": full}[self.size]
+
+    def pick_repeats(self, smoke: int, quick: int, full: int) -> int:
+        """How many times to repeat a measurement: ``--repeats`` if given, else by size."""
+        return self.repeats if self.repeats is not None else self.pick(smoke, quick, full)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -114,7 +114,7 @@ def _add_case_figures(figures: Figures, case: Case, r: Timings) -> None:
 
 
 def run(ctx: Context) -> Section:
-    repeats = ctx.pick(smoke=1, quick=2, full=3)
+    repeats = ctx.pick_repeats(smoke=1, quick=2, full=3)
     figures = Figures("extract")
     done: list[tuple[Case, Timings]] = []
     codec_runs: list[tuple[str, CodecRun]] = []

@@ -24,9 +24,10 @@ import numpy as np
 from benchmarks._child import run_in_child
 from benchmarks._results import Context, Figures, Section, at_least, at_most, fmt, table
 from benchmarks._synthetic import read_rows, write_store
-from benchmarks.bench_solver import LIMIT_RATIO_TARGET, T_ERROR_TARGET, lstsq_child
+from benchmarks.bench_solver import T_ERROR_TARGET, lstsq_child
 
 TOKENS = 197
+GPU_LIMIT_RATIO_TARGET = 0.7  # CuPy fit ÷ the GPU's own float64 GEMM rate, for D >= 384
 
 
 def unavailable() -> str | None:
@@ -195,7 +196,7 @@ def _width(ctx: Context, d: int, figures: Figures) -> list[list[object]]:
     figures.add(f"fit_rows_per_s_d{d}", rows / fit["seconds"], "rows/s")
     figures.add(f"fit_gflops_d{d}", flop / fit["seconds"] / 1e9, "GFLOP/s")
     figures.add(f"gemm_f64_gflops_d{d}", flop / gemm["seconds"] / 1e9, "GFLOP/s")
-    target = at_least(LIMIT_RATIO_TARGET) if d >= 384 else None
+    target = at_least(GPU_LIMIT_RATIO_TARGET) if d >= 384 else None
     figures.add(f"limit_ratio_d{d}", gemm["seconds"] / fit["seconds"], "ratio", target)
     error = float(np.abs(fit["t"] - reference).max())
     figures.add(f"fit_t_max_abs_err_d{d}", error, "abs", at_most(T_ERROR_TARGET))

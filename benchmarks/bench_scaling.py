@@ -92,7 +92,7 @@ def run(ctx: Context) -> Section:
     d, n_points, base = ctx.pick(smoke=(32, 4, 8), quick=(192, 4, 256), full=(192, 4, 1024))
     shard = ctx.pick(smoke=4, quick=64, full=128)
     base = max(base, shard * (os.cpu_count() or 1))
-    repeats = ctx.pick(smoke=1, quick=1, full=3)
+    repeats = ctx.pick_repeats(smoke=1, quick=1, full=3)
     factors = ctx.pick(smoke=(1, 2), quick=(1, 2, 4, 8), full=(1, 2, 4, 8))
     tokens = ctx.pick(smoke=17, quick=TOKENS, full=TOKENS)
     variants = [

@@ -54,7 +54,8 @@ METHODS = (
 SMOKE_SKIPS = ("fit32", "fit_ckpt", "torch64", "sklearn_linreg")
 FIT_METHODS = ("fit", "fit32", "fit_ckpt", "dask_lstsq")  # from the store, all its rows
 BYTES_PER_ROW_CHANNEL = 48  # peak of the in-memory lstsq methods: ~44 bytes per row and channel
-LIMIT_RATIO_TARGET = 0.7  # for D >= 384
+LIMIT_RATIO_TARGET = 0.6  # on a CPU, from a compressed store, for D >= LIMIT_RATIO_MIN_D
+LIMIT_RATIO_MIN_D = 768
 T_ERROR_TARGET = 1e-6
 
 
@@ -227,7 +228,7 @@ def run_width(ctx: Context, d: int, repeats: int, figures: Figures) -> list[dict
     first_call = statistics.median(r["first_call_seconds"] for r in runs["fit"])
     figures.add(f"fit_first_call_seconds_d{d}", first_call, "s")
     figures.add(f"limit_gflops_d{d}", gflops["limit"], "GFLOP/s")
-    target = at_least(LIMIT_RATIO_TARGET) if d >= 384 else None
+    target = at_least(LIMIT_RATIO_TARGET) if d >= LIMIT_RATIO_MIN_D else None
     figures.add(f"limit_ratio_d{d}", gflops["fit"] / gflops["limit"], "ratio", target)
     if "fit32" in seconds:
         figures.add(f"fit32_limit_ratio_d{d}", gflops["fit32"] / gflops["limit"], "ratio")
@@ -362,7 +363,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def run(ctx: Context) -> Section:
     widths = ctx.pick(smoke=(64,), quick=(192, 384, 768), full=(192, 384, 768, 1024))
-    repeats = ctx.pick(smoke=1, quick=1, full=3)
+    repeats = ctx.pick_repeats(smoke=1, quick=1, full=3)
     figures = Figures("solver")
     rows = [row for d in widths for row in run_width(ctx, d, repeats, figures)]
     _plot(rows, ctx.plots / "solver.png")

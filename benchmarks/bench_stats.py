@@ -115,7 +115,7 @@ def measure(store: Path, repeats: int) -> dict[str, Any]:
 def run(ctx: Context) -> Section:
     base = ctx.pick(smoke=64, quick=DIGITS_TRAIN, full=DIGITS_TRAIN)
     factors = ctx.pick(smoke=(1,), quick=(1, 4), full=(1, 2, 4, 8))
-    repeats = ctx.pick(smoke=1, quick=3, full=5)
+    repeats = ctx.pick_repeats(smoke=1, quick=3, full=5)
     figures = Figures("stats")
     rows = []
     for factor in factors:

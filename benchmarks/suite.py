@@ -24,6 +24,12 @@ from benchmarks._results import BENCHMARKS, Context, Section, Size
 HERE = Path(__file__).resolve().parent
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number; pass e.g. 3")
+    return int(text)
+
+
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -49,6 +55,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=_names,
         metavar="LIST",
         help=f"comma-separated benchmarks to run, from {','.join(BENCHMARKS)}",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive,
+        metavar="N",
+        help="repeat each measurement N times (default: by size, e.g. 1 quick, 3 full)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
     parser.add_argument(
@@ -102,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names:
             print(f"running {name} ({size}) ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            section = run_one(name, Context(size, Path(tmp) / name, plots))
+            section = run_one(name, Context(size, Path(tmp) / name, plots, args.repeats))
             seconds[name] = time.perf_counter() - t0
             sections.append(section)
             _print_section(section, seconds[name])
