@@ -183,3 +183,142 @@ def test_no_activations_is_refused_without_stats_or_when_interrupted(tmp_path: P
     out = tmp_path / "o.zarr"
     assert _extract(out, "--no-activations") == 2
     assert not out.exists()
+
+
+def _sample_rows(store: Path, k: int, samples: np.ndarray) -> np.ndarray:
+    h = zarr.open_group(str(store), mode="r", use_consolidated=False)[f"h{k}"][:][samples]
+    return h.reshape(-1, h.shape[-1]).astype(np.float64)
+
+
+def _heldout_figures(fit) -> dict[str, float]:
+    held = fit.diagnostics["heldout"]
+    return {
+        "relative_mse": held["relative_mse"],
+        "r2": held["r2"],
+        "identity_relative_mse": held["identity"]["relative_mse"],
+        "identity_r2": held["identity"]["r2"],
+    }
+
+
+def test_heldout_error_from_the_heldout_moments_while_the_activations_are_unreadable(
+    tmp_path: Path, small_store: Path
+) -> None:
+    """``stats --holdout F --seed S`` keeps the held-out samples' moments apart: ``fit --holdout
+    F --seed S`` then solves from the other rows and reports exact held-out error, reading
+    nothing; the same statistics answer a fit of all rows too."""
+    from rba_store.store.selection import split_holdout
+
+    store = Path(shutil.copytree(small_store, tmp_path / "h.zarr"))
+    streamed_copy = Path(shutil.copytree(small_store, tmp_path / "streamed.zarr"))
+    n = Store.open(store).layout.n_samples
+    fit_idx, held_idx = split_holdout(np.arange(n), 0.25, 3)
+    split_stats, _ = run_stats(store, holdout=0.25, holdout_seed=3)
+    plain, _ = run_stats(streamed_copy)
+    assert split_stats.attrs["name"] == "tokens-all-holdout0.25-seed3"
+    assert split_stats.moments is not None and split_stats.heldout is not None
+    tokens = Store.open(store).layout.points[0].n_tokens
+    assert split_stats.heldout.n == len(held_idx) * tokens
+    assert split_stats.moments.n == len(fit_idx) * tokens
+    np.testing.assert_allclose(split_stats.cka, plain.cka, rtol=0, atol=1e-10, equal_nan=True)
+    np.testing.assert_allclose(split_stats.br, plain.br, rtol=1e-10)
+    for k in range(13):
+        shutil.move(str(store / f"h{k}"), str(tmp_path / f"away-h{k}"))
+
+    options = FitOptions(spans=SPANS, bias=True, holdout=0.25, holdout_seed=3)
+    fits = fit_spans(store, options)
+    streamed = fit_spans(streamed_copy, options)  # plain stats: no split, so it streams
+    for fit, ref in zip(fits, streamed, strict=True):
+        a, b = fit.span
+        assert fit.diagnostics["source"]["kind"] == "moments"
+        assert ref.diagnostics["heldout"]["source"]["from"] == "activations"
+        assert fit.diagnostics["heldout"]["source"] == {
+            "kind": "holdout",
+            "fraction": 0.25,
+            "samples": len(held_idx),
+            "from": "moments",
+            "stats": "tokens-all-holdout0.25-seed3",
+        }
+        x, y = _sample_rows(streamed_copy, a, fit_idx), _sample_rows(streamed_copy, b, fit_idx)
+        reference = _reference(x, y, bias=True, ridge=0.0)
+        scale = max(1.0, float(np.abs(reference).max()))
+        np.testing.assert_allclose(fit.solution.t, reference, rtol=0, atol=1e-8 * scale)
+        got, want = _heldout_figures(fit), _heldout_figures(ref)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-8, abs=1e-12), key
+        assert fit.diagnostics["heldout"]["rows"] == len(held_idx) * tokens
+        assert fit.diagnostics["heldout"]["cosine"] is None  # per row: not in the moments
+    (whole,) = fit_spans(store, FitOptions(spans=((2, 5),), name="all-rows"))
+    assert whole.diagnostics["source"]["stats"] == "tokens-all-holdout0.25-seed3"
+    x, y = (
+        _sample_rows(streamed_copy, 2, np.arange(n)),
+        _sample_rows(streamed_copy, 5, np.arange(n)),
+    )
+    np.testing.assert_allclose(whole.solution.t, _reference(x, y, False, 0.0), atol=1e-8)
+    with pytest.raises(KeyError):  # another split: it streams, and the arrays are gone
+        fit_spans(store, FitOptions(spans=((2, 5),), holdout=0.25, holdout_seed=4, name="s4"))
+
+
+def test_eval_store_heldout_error_from_its_saved_moments(tmp_path: Path, small_store: Path) -> None:
+    store = Path(shutil.copytree(small_store, tmp_path / "fit.zarr"))
+    other = Path(shutil.copytree(small_store, tmp_path / "eval.zarr"))
+    options = FitOptions(spans=((2, 5), (4, 6)), eval_store=str(other), name="e")
+    streamed = fit_spans(store, options)
+    run_stats(store)
+    run_stats(other)
+    moments = fit_spans(store, FitOptions(spans=((2, 5), (4, 6)), eval_store=str(other), name="m"))
+    for fit, ref in zip(moments, streamed, strict=True):
+        assert fit.diagnostics["heldout"]["source"]["from"] == "moments"
+        assert ref.diagnostics["heldout"]["source"]["from"] == "activations"
+        got, want = _heldout_figures(fit), _heldout_figures(ref)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-8, abs=1e-12), key
+
+
+def test_fit_from_option(tmp_path: Path, small_store: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--from moments`` never reads the activations (refused when no statistics cover the
+    rows); ``--from activations`` always streams them (cosines included)."""
+    store = Path(shutil.copytree(small_store, tmp_path / "f.zarr"))
+    args = ["fit", str(store), "--span", "2:5", "--holdout", "0.25", "--seed", "3"]
+    assert main([*args, "--from", "moments"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--from moments" in err and "--holdout 0.25 --seed 3" in err
+    assert Store.open(store).list_analyses("fits") == []
+    assert main(["stats", str(store), "--holdout", "0.25", "--seed", "3"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--from", "moments", "--name", "m"]) == 0
+    out = capsys.readouterr().out
+    assert "solved from the joint moments saved with stats/tokens-all-holdout0.25-seed3" in out
+    assert "cosine —" in out and "from the moments in stats/" in out
+    assert main([*args, "--from", "activations", "--name", "a", "--json"]) == 0
+    import json
+
+    (streamed,) = json.loads(capsys.readouterr().out)
+    assert streamed["source"] == {"kind": "activations"}
+    assert streamed["heldout"]["source"]["from"] == "activations"
+    assert 0 < streamed["heldout"]["cosine"] <= 1
+    assert main(["stats", str(store), "--holdout", "0.25", "--no-cka"]) == 2
+    assert "--no-cka" in capsys.readouterr().err
+
+
+def test_statistics_with_holdout_during_extraction(tmp_path: Path) -> None:
+    """``extract --stats --holdout F --holdout-seed S --no-activations``: the held-out moments of
+    extract-then-``stats --holdout F --seed S``, and the same fits and held-out error."""
+    plain, only = tmp_path / "plain.zarr", tmp_path / "only.zarr"
+    assert _extract(plain) == 0
+    split = ["--holdout", "0.2", "--holdout-seed", "1"]
+    assert _extract(only, "--stats", "--no-activations", *split) == 0
+    reference, _ = run_stats(plain, holdout=0.2, holdout_seed=1)
+    streamed, reused = run_stats(only, holdout=0.2, holdout_seed=1)
+    assert reused and streamed.attrs["computed"] == "during extraction"
+    assert streamed.heldout is not None and reference.heldout is not None
+    scale = float(np.abs(reference.heldout.m2).max())
+    np.testing.assert_allclose(streamed.heldout.m2, reference.heldout.m2, atol=1e-10 * scale)
+    options = FitOptions(spans=SPANS, holdout=0.2, holdout_seed=1)
+    for got, want in zip(fit_spans(only, options), fit_spans(plain, options), strict=True):
+        assert got.diagnostics["heldout"]["source"]["from"] == "moments"
+        np.testing.assert_allclose(got.solution.t, want.solution.t, rtol=0, atol=1e-8)
+        assert _heldout_figures(got) == pytest.approx(_heldout_figures(want), rel=1e-8)
+    assert _extract(tmp_path / "x.zarr", *split) == 2  # --holdout without --stats
+    assert _extract(tmp_path / "y.zarr", "--stats", "--holdout", "1.5") == 2
+    assert not (tmp_path / "y.zarr").exists()

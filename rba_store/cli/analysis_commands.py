@@ -12,11 +12,13 @@ from rba_store.cli.app import (
     AllowIncompleteOpt,
     Backend,
     Gemm,
+    HoldoutOpt,
     JsonOpt,
     LimitOpt,
     SampleOpt,
     SchedulerFileOpt,
     SchedulerOpt,
+    Source,
     StoreArg,
     TokensOpt,
     app,
@@ -32,7 +34,14 @@ def stats(
     tokens: TokensOpt = None,
     limit: LimitOpt = None,
     sample: SampleOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of --sample and --holdout.")] = 0,
+    holdout: Annotated[
+        float | None,
+        typer.Option(
+            help="Keep the joint moments of this fraction of the samples apart, so that "
+            "'fit --holdout' with the same --seed reports held-out error from them."
+        ),
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="Save as stats/NAME [default: from the options].")
     ] = None,
@@ -75,6 +84,8 @@ def stats(
                 overwrite=overwrite,
                 cka=cka,
                 backend=backend.value,
+                holdout=holdout,
+                holdout_seed=seed,
             )
     except KeyboardInterrupt:
         raise Interrupted(
@@ -115,6 +126,11 @@ def _auto_spans(store: Any, count: int, tokens: str, stats_name: str | None) -> 
     return [tuple(c["span"]) for c in candidates]
 
 
+def _maybe(value: float | None, spec: str = ".4f") -> str:
+    """A diagnostic's value, or — when it was not computed (None or NaN)."""
+    return "—" if value is None or value != value else format(value, spec)
+
+
 def _format_fit(fit: Any) -> str:
     d = fit.diagnostics
     a, b = fit.span
@@ -134,14 +150,25 @@ def _format_fit(fit: Any) -> str:
     held = d.get("heldout")
     if held:
         ident = held["identity"]
+        where = held.get("source", {})
+        came = (
+            f"from the moments in stats/{where['stats']}"
+            if where.get("from") == "moments"
+            else f"{held['rows']:,} rows"
+        )
         lines.append(
             f"  held-out relative MSE {held['relative_mse']:.4g}  R² {held['r2']:.4f}  "
-            f"cosine {held['cosine']:.4f}   ({held['rows']:,} rows)"
+            f"cosine {_maybe(held['cosine'])}   ({came})"
         )
         lines.append(
-            f"  identity relative MSE {ident['relative_mse']:.4g}  R² {ident['r2']:.4f}  "
-            f"cosine {ident['cosine']:.4f}   (T = I: plain block dropping)"
+            f"  identity relative MSE {_maybe(ident['relative_mse'], '.4g')}  R² "
+            f"{_maybe(ident['r2'])}  cosine {_maybe(ident['cosine'])}   (T = I: plain block "
+            "dropping)"
         )
+        if where.get("from") == "moments":
+            lines.append(
+                "  (cosines are per row, not in the moments: --from activations streams them)"
+            )
     else:
         lines.append("  held-out: none (pass --holdout FRACTION or --eval-store STORE)")
     lines += [f"  note: {note}" for note in d["notes"]]
@@ -170,9 +197,7 @@ def fit(
     limit: LimitOpt = None,
     sample: SampleOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of --sample and --holdout.")] = 0,
-    holdout: Annotated[
-        float | None, typer.Option(help="Hold out this fraction of samples for diagnostics.")
-    ] = None,
+    holdout: HoldoutOpt = None,
     eval_store: Annotated[
         Path | None, typer.Option(help="A second store (same model) for held-out diagnostics.")
     ] = None,
@@ -202,6 +227,15 @@ def fit(
     checkpoint_every: Annotated[
         float, typer.Option(help="Seconds between checkpoints (0: after every group of shards).")
     ] = 60.0,
+    source: Annotated[
+        Source,
+        typer.Option(
+            "--from",
+            help="auto: solve from saved statistics' joint moments when they cover the rows, "
+            "else stream the activations; moments: never read the activations; activations: "
+            "always stream them.",
+        ),
+    ] = Source.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit the linear maps T (h_a -> h_b) that replace spans of blocks, in one pass."""
@@ -235,6 +269,7 @@ def fit(
         overwrite=overwrite,
         checkpoint=str(checkpoint) if checkpoint else None,
         checkpoint_every=checkpoint_every,
+        source=source.value,
     )
     try:
         with dask_progress("fit"):

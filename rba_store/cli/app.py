@@ -53,6 +53,10 @@ StoreArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 LimitOpt = Annotated[int | None, typer.Option(help="Use the first N samples.")]
 SampleOpt = Annotated[int | None, typer.Option(help="Use N samples drawn at random.")]
+HoldoutOpt = Annotated[
+    float | None,
+    typer.Option(help="Hold out this fraction of the samples (drawn with --seed) for diagnostics."),
+]
 SchedulerOpt = Annotated[
     str | None, typer.Option(help="Address of a running dask.distributed scheduler.")
 ]
@@ -96,6 +100,12 @@ class Backend(str, Enum):
 class Gemm(str, Enum):
     float64 = "float64"
     float32 = "float32"
+
+
+class Source(str, Enum):
+    auto = "auto"
+    moments = "moments"
+    activations = "activations"
 
 
 def check_folder(path: Path | None, flag: str) -> None:

@@ -87,6 +87,16 @@ def extract(
             "--no-activations", help="With --stats: keep only the statistics, not the h arrays."
         ),
     ] = False,
+    holdout: Annotated[
+        float | None,
+        typer.Option(
+            help="With --stats: keep the joint moments of this fraction of the samples apart "
+            "(as 'stats --holdout'), for 'fit --holdout' to report held-out error from them."
+        ),
+    ] = None,
+    holdout_seed: Annotated[
+        int, typer.Option(help="Seed of --holdout (the --seed that fit --holdout takes).")
+    ] = 0,
     skip_unreadable: Annotated[
         bool,
         typer.Option(help="Leave out images that cannot be read (recorded in the store)."),
@@ -124,6 +134,8 @@ def extract(
         skip_unreadable=skip_unreadable,
         stats=stats,
         store_activations=not no_activations,
+        stats_holdout=holdout,
+        stats_holdout_seed=holdout_seed,
     )
     out = out or _default_out(model, data, split)
     plan = plan_extraction(options)

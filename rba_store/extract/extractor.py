@@ -174,7 +174,10 @@ def run_extraction(
     claim = store.claim_worker(index, workers)
     started = time.perf_counter()
     samples = 0
-    streamed = StreamedStats(store) if plan.options.stats else None
+    streamed = None
+    if plan.options.stats:
+        options = plan.options
+        streamed = StreamedStats(store, options.stats_holdout, options.stats_holdout_seed)
     writer = _ShardWriter(store)
     device = plan.options.device
     try:

@@ -24,6 +24,7 @@ from rba_store.store import (
     normalize,
     plan_layout,
 )
+from rba_store.store.selection import split_holdout
 
 DEFAULT_DATA = "digits"
 
@@ -51,6 +52,8 @@ class ExtractOptions:
     skip_unreadable: bool = False  # leave out images that do not decode (else refuse them)
     stats: bool = False  # accumulate the statistics and joint moments during the pass
     store_activations: bool = True  # False: statistics only, the h arrays are never written
+    stats_holdout: float | None = None  # with stats: keep these samples' joint moments apart
+    stats_holdout_seed: int = 0
     num_workers: int = 1  # processes filling the same store, each its own shards
     worker_index: int = 0
 
@@ -113,6 +116,8 @@ def _library_versions() -> dict[str, str]:
 def _check_options(options: ExtractOptions) -> None:
     if not options.store_activations and not options.stats:
         raise UsageError("--no-activations keeps only the statistics: add --stats")
+    if options.stats_holdout is not None and not options.stats:
+        raise UsageError("--holdout splits the statistics computed during the pass: add --stats")
     if not options.store_activations and options.num_workers > 1:
         raise UsageError(
             "--no-activations needs one process (its statistics cannot be read back from the "
@@ -179,6 +184,8 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
         shard_samples=options.shard_samples,
         sample_ids=source.sample_ids,
     )
+    if options.stats:  # refuse a fraction that leaves nothing to fit before any work
+        split_holdout(np.arange(layout.n_samples), options.stats_holdout)
     payload = None
     if loaded.weights["source"] == "random":  # kept in the store: never re-drawn
         from safetensors.torch import save

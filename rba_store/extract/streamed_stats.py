@@ -7,6 +7,8 @@ result is saved as the default statistics, exactly what ``rba-store stats`` woul
 then reuses), joint moments included: BR, CKA and the map of every span from the one forward
 pass. With ``--no-activations`` the ``h`` arrays are never written, so a data set too large to
 store still yields all of that; such a run cannot resume (its earlier shards are gone).
+With ``--holdout`` the joint moments of the held-out samples are kept apart, exactly as
+``rba-store stats --holdout`` keeps them, for ``fit --holdout`` to report held-out error.
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ import numpy as np
 
 from rba_store.errors import StoreError
 from rba_store.stats import default_name
-from rba_store.stats.moments import BlockPartials, chunk_partials
+from rba_store.stats.moments import BlockPartials, split_chunk_partials
 from rba_store.stats.reduce import stats_attrs
 from rba_store.stats.result import BlockStats
 from rba_store.store import STATS, SampleSelection, Store, h_name
+from rba_store.store.selection import split_holdout
 
 
 class StreamedStats:
     """The statistics' partials of the shards seen so far."""
 
-    def __init__(self, store: Store) -> None:
-        self.n_points = len(store.layout.points)
+    def __init__(self, store: Store, holdout: float | None = None, holdout_seed: int = 0) -> None:
+        self.layout = store.layout
+        self.n_points = len(self.layout.points)
+        self.holdout, self.holdout_seed = holdout, holdout_seed
+        self.held = split_holdout(np.arange(self.layout.n_samples), holdout, holdout_seed)[1]
         self.partials: BlockPartials | None = None
         self.folded: set[int] = set()
 
@@ -34,7 +40,8 @@ class StreamedStats:
         self._add(shard_idx, [buffer[h_name(k)] for k in range(self.n_points)])
 
     def _add(self, shard_idx: int, points: list[np.ndarray]) -> None:
-        partial = chunk_partials(points, cka=True)
+        start, stop = self.layout.shard_rows(shard_idx)
+        partial = split_chunk_partials(points, np.isin(np.arange(start, stop), self.held))
         self.partials = partial if self.partials is None else self.partials.merge(partial)
         self.folded.add(shard_idx)
 
@@ -56,9 +63,10 @@ class StreamedStats:
         assert self.partials is not None
         tokens = store.description["tokens"]
         selection = SampleSelection()
-        attrs = stats_attrs(store, tokens, selection, False, True) | {
+        split = (self.holdout, self.holdout_seed)
+        attrs = stats_attrs(store, tokens, selection, False, True, *split) | {
             "computed": "during extraction",
-            "name": default_name(tokens, selection, True),
+            "name": default_name(tokens, selection, True, *split),
         }
         widths = [p.n_channels for p in layout.points]
         stats = BlockStats.from_partials(self.partials, widths, attrs)

@@ -9,6 +9,7 @@ second, optional pass computes held-out diagnostics. Fits are saved under ``fits
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,11 +29,17 @@ from rba_store.solve.normal_eq import (
 )
 from rba_store.solve.passes import equations, holdout_sums
 from rba_store.solve.spans import FitOptions, Span, SpanFit, check_spans, fit_name, parse_span
-from rba_store.store import FITS, STATS, Store, StoreLayout, normalize_json
-from rba_store.store.selection import check_tokens, usable_samples
+from rba_store.store import FITS, STATS, SampleSelection, Store, StoreLayout, normalize_json
+from rba_store.store.selection import (
+    check_tokens,
+    describe_holdout,
+    split_holdout,
+    usable_samples,
+)
 
 if TYPE_CHECKING:
     from rba_store.stats.moments import Moments
+    from rba_store.stats.result import BlockStats
 
 __all__ = [
     "FitOptions",
@@ -43,24 +50,6 @@ __all__ = [
     "parse_span",
     "save_fit",
 ]
-
-
-def _split_holdout(indices: np.ndarray, options: FitOptions) -> tuple[np.ndarray, np.ndarray]:
-    if options.holdout is None:
-        return indices, indices[:0]
-    if not 0 < options.holdout < 1:
-        raise UsageError(
-            f"--holdout {options.holdout} is out of range; pass a fraction between 0 and 1"
-        )
-    n_held = max(1, round(options.holdout * len(indices)))
-    if n_held >= len(indices):
-        raise UsageError(
-            f"--holdout {options.holdout} leaves no sample to fit ({len(indices)} samples); "
-            "pass a smaller fraction"
-        )
-    rng = np.random.default_rng(options.holdout_seed)
-    held = np.sort(rng.choice(indices, size=n_held, replace=False))
-    return np.setdiff1d(indices, held), held
 
 
 def _eval_samples(
@@ -125,7 +114,9 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
     eval_samples = _eval_samples(options, store, spans)
 
     available = usable_samples(store, options.allow_incomplete)
-    fit_idx, held_idx = _split_holdout(options.selection.indices(available, store), options)
+    fit_idx, held_idx = split_holdout(
+        options.selection.indices(available, store), options.holdout, options.holdout_seed
+    )
     cls_only = options.tokens == "cls"
     _check_rows(
         len(fit_idx) * (1 if cls_only else layout.points[0].n_tokens), spans, layout, options
@@ -136,10 +127,13 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
         sources.setdefault(a, []).append(b)
     plan = sorted(sources.items())
     points = sorted({a for a, _ in spans} | {b for _, b in spans})
-    saved = None if len(held_idx) else _matching_moments(store, options, len(fit_idx))
+    split = describe_holdout(options.holdout, options.holdout_seed)
+    n_samples = len(fit_idx) + len(held_idx)
+    saved = _moments_source(store, options, n_samples, split, "the fit")
     if saved is not None:  # every span from the joint moments: the activations are not read
-        stats_name, moments, widths = saved
-        accumulated = equations_from_moments(moments, widths, plan)
+        stats_name, stats = saved
+        fit_moments = stats.moments if split is not None else stats.all_moments()
+        accumulated = equations_from_moments(fit_moments, stats.widths, plan)
         source = {"kind": "moments", "stats": stats_name}
     else:
         accumulated = equations(store, fit_idx, plan, points, cls_only, options)
@@ -162,16 +156,31 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
     held: list[HoldoutSums] | None = None
     held_source = None
     if len(held_idx):
-        held = holdout_sums(store, held_idx, cls_only, maps, options)
         held_source = {"kind": "holdout", "fraction": options.holdout, "samples": len(held_idx)}
+        if saved is not None:
+            held = _heldout_from_moments(saved[1].heldout, saved[1].widths, maps)
+            held_source |= {"from": "moments", "stats": saved[0]}
+        else:
+            held = holdout_sums(store, held_idx, cls_only, maps, options)
+            held_source["from"] = "activations"
     elif eval_samples is not None:
         eval_store, eval_indices = eval_samples
-        held = holdout_sums(eval_store, eval_indices, cls_only, maps, options)
         held_source = {
             "kind": "eval_store",
             "store": options.eval_store,
             "samples": len(eval_indices),
         }
+        eval_options = replace(options, selection=SampleSelection(), allow_incomplete=False)
+        eval_saved = _moments_source(
+            eval_store, eval_options, len(eval_indices), None, "--eval-store's held-out rows"
+        )
+        if eval_saved is not None:
+            eval_stats = eval_saved[1]
+            held = _heldout_from_moments(eval_stats.all_moments(), eval_stats.widths, maps)
+            held_source |= {"from": "moments", "stats": eval_saved[0]}
+        else:
+            held = holdout_sums(eval_store, eval_indices, cls_only, maps, options)
+            held_source["from"] = "activations"
 
     fits = []
     for i, (span, name) in enumerate(zip(spans, names, strict=True)):
@@ -204,30 +213,81 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
     return [reused.get(s) or fitted[s] for s in order]
 
 
-def _matching_moments(
-    store: Store, options: FitOptions, n_samples: int
-) -> tuple[str, Moments, list[int]] | None:
-    """Saved statistics whose joint moments cover exactly the rows this fit asks for."""
+def _moments_source(
+    store: Store, options: FitOptions, n_samples: int, split: dict | None, what: str
+) -> tuple[str, BlockStats] | None:
+    """Saved statistics whose joint moments cover exactly the rows ``options`` select in
+    ``store`` (``n_samples`` samples; with ``split``, the same held-out samples apart), or None
+    when the rows must be streamed (``--from activations``, float32 products, no such stats)."""
+    if options.source == "activations" or options.gemm_dtype != "float64":
+        return None
+    found = saved_moments(
+        store,
+        tokens=options.tokens,
+        selection=options.selection,
+        allow_incomplete=options.allow_incomplete,
+        n_samples=n_samples,
+        split=split,
+    )
+    if found is None and options.source == "moments":
+        holdout = ""
+        if split is not None:
+            holdout = f" --holdout {split['fraction']:g} --seed {split['seed']}"
+        raise UsageError(
+            f"--from moments: {str(store)!r} has no saved statistics whose joint moments cover "
+            f"the rows of {what}; run 'rba-store stats {store} --tokens {options.tokens}"
+            f"{holdout}' with the same --limit/--sample first, or pass --from auto"
+        )
+    return found
+
+
+def saved_moments(
+    store: Store,
+    *,
+    tokens: str,
+    selection: SampleSelection,
+    allow_incomplete: bool,
+    n_samples: int,
+    split: dict | None = None,
+) -> tuple[str, BlockStats] | None:
+    """``(name, stats)`` of saved statistics with joint moments of exactly these rows: same
+    store, tokens and selection, ``n_samples`` samples in all and, when ``split`` is given, the
+    same held-out samples kept apart. Statistics with a split also answer for all rows."""
     from rba_store.stats.result import BlockStats  # stats imports the solver's backend
 
-    if options.gemm_dtype != "float64" or options.eval_store is not None:
-        return None
     wanted = normalize_json(
         {
             "store_fingerprint": store.fingerprint,
-            "tokens": options.tokens,
-            "selection": options.selection.describe(),
-            "allow_incomplete": options.allow_incomplete,
+            "tokens": tokens,
+            "selection": selection.describe(),
+            "allow_incomplete": allow_incomplete,
         }
     )
+    split = normalize_json(split)
     for name in store.list_analyses(STATS):
         attrs = store.analysis_attrs(STATS, name)
         same_rows = all(attrs.get(k) == v for k, v in wanted.items())
-        if same_rows and "moment_count" in attrs and int(attrs["n_samples"]) == n_samples:
-            stats = BlockStats.from_dataset(store.read_analysis(STATS, name))  # type: ignore[arg-type]
-            assert stats.moments is not None
-            return name, stats.moments, stats.widths
+        if not same_rows or "moment_count" not in attrs or int(attrs["n_samples"]) != n_samples:
+            continue
+        if split is not None and attrs.get("holdout") != split:
+            continue
+        stats = BlockStats.from_dataset(store.read_analysis(STATS, name))  # type: ignore[arg-type]
+        return name, stats
     return None
+
+
+def _heldout_from_moments(
+    held: Moments | None, widths: list[int], maps: list[tuple[int, int, np.ndarray, np.ndarray]]
+) -> list[HoldoutSums]:
+    """Held-out sums of every map from the joint moments of the held-out rows."""
+    assert held is not None
+    edges = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+    return [
+        HoldoutSums.from_moments(
+            held, slice(edges[a], edges[a + 1]), slice(edges[b], edges[b + 1]), t, bias
+        )
+        for a, b, t, bias in maps
+    ]
 
 
 def equations_from_moments(

@@ -1,15 +1,20 @@
 """Held-out diagnostics of fitted maps, as mergeable partial sums over chunks of rows.
 
 For a map ``ŷ = x t + b`` and the identity baseline ``ŷ = x``: squared error, Σ‖y‖², the spread
-of y (for R²), and cosine between prediction and target, summed over rows.
+of y (for R²), and cosine between prediction and target, summed over rows. The same sums but
+the cosines also follow exactly from the joint moments of the held-out rows
+(:meth:`HoldoutSums.from_moments`), without reading them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rba_store.stats.moments import Moments
 
 _TINY = np.finfo(np.float64).tiny
 
@@ -53,6 +58,41 @@ class HoldoutSums:
             cos_identity=cos_sum(x) if same else float("nan"),
         )
 
+    @classmethod
+    def from_moments(
+        cls, held: Moments, x_cols: slice, y_cols: slice, t: np.ndarray, bias: np.ndarray
+    ) -> HoldoutSums:
+        """The sums over the rows whose joint moments are ``held``, for ``x = z[:, x_cols]``
+        and ``y = z[:, y_cols]``. With centred co-moments S and means m::
+
+            Σ‖x t + b - y‖² = tr(tᵀ Sxx t) - 2 tr(tᵀ Sxy) + tr(Syy) + n ‖mx t + b - my‖²
+
+        (the cross terms of centred rows sum to zero). Exact up to float64 rounding, relative
+        to Σ‖y - ȳ‖²; the cosines are per row and are not in the moments (NaN).
+        """
+        n, mean, m2 = held.n, held.mean, held.m2
+        mx, my = mean[x_cols], mean[y_cols]
+        sxx, sxy = m2[x_cols, x_cols], m2[x_cols, y_cols]
+        syy = float(np.trace(m2[y_cols, y_cols]))
+        offset = mx @ t + bias - my
+        sse = float(np.sum((sxx @ t) * t)) - 2 * float(np.sum(t * sxy)) + syy
+        sse += n * float(offset @ offset)
+        same = sxx.shape == m2[y_cols, y_cols].shape
+        sse_identity = float("nan")
+        if same:
+            sse_identity = float(np.trace(sxx)) - 2 * float(np.trace(sxy)) + syy
+            sse_identity += n * float((mx - my) @ (mx - my))
+        return cls(
+            n=n,
+            sse=max(sse, 0.0),
+            sse_identity=max(sse_identity, 0.0) if same else sse_identity,
+            sum_y2=syy + n * float(my @ my),
+            mean_y=my,
+            syy=syy,
+            cos=float("nan"),
+            cos_identity=float("nan"),
+        )
+
     def merge(self, other: HoldoutSums) -> HoldoutSums:
         if other.n == 0:
             return self
@@ -77,14 +117,17 @@ class HoldoutSums:
         def ratio(a: float, b: float) -> float:
             return a / b if b > 0 else float("nan")
 
+        def mean_cosine(total: float) -> float | None:  # None: not computed (from moments)
+            return None if np.isnan(total) else ratio(total, self.n)
+
         return {
             "rows": self.n,
             "relative_mse": ratio(self.sse, self.sum_y2),
             "r2": 1 - ratio(self.sse, self.syy),
-            "cosine": ratio(self.cos, self.n),
+            "cosine": mean_cosine(self.cos),
             "identity": {
                 "relative_mse": ratio(self.sse_identity, self.sum_y2),
                 "r2": 1 - ratio(self.sse_identity, self.syy),
-                "cosine": ratio(self.cos_identity, self.n),
+                "cosine": mean_cosine(self.cos_identity),
             },
         }

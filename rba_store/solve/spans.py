@@ -61,9 +61,12 @@ class FitOptions:
     overwrite: bool = False
     checkpoint: str | None = None
     checkpoint_every: float = 60.0
+    # Where the products come from: saved joint moments when they cover the rows (auto), only
+    # them (moments: never read the activations), or the activations (streamed).
+    source: str = "auto"
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "tokens": self.tokens,
             "selection": self.selection.describe(),
             "holdout": self.holdout,
@@ -75,6 +78,9 @@ class FitOptions:
             "gemm_dtype": self.gemm_dtype,
             "allow_incomplete": self.allow_incomplete,
         }
+        if self.source != "auto":  # fits saved before the option existed still match auto
+            described["source"] = self.source
+        return described
 
 
 @dataclass

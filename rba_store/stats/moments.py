@@ -12,7 +12,7 @@ result as one pass over all rows held in memory (up to float64 rounding).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 
 import numpy as np
@@ -29,6 +29,11 @@ class Moments:
     n: int
     mean: np.ndarray  # (p,)
     m2: np.ndarray  # (p, p)
+
+    @classmethod
+    def empty(cls) -> Moments:
+        """The moments of no rows (the identity of :meth:`merge`)."""
+        return cls(0, np.zeros(0), np.zeros((0, 0)))
 
     @classmethod
     def from_rows(cls, z_rp: np.ndarray, xp: ModuleType = np) -> Moments:
@@ -62,7 +67,8 @@ class BlockPartials:
     rel_change: np.ndarray  # (k, k): Σ_samples ‖h_b - h_a‖² / ‖h_a‖²
     cos_sum: np.ndarray  # (k-1,): Σ_rows cos(h_{b-1}, h_b)
     norm_sum: np.ndarray  # (k,): Σ_samples ‖h_k‖
-    moments: Moments
+    moments: Moments  # of the rows to fit (all rows unless some samples are held out)
+    heldout: Moments = field(default_factory=Moments.empty)  # of the held-out samples' rows
 
     def merge(self, other: BlockPartials) -> BlockPartials:
         return BlockPartials(
@@ -73,6 +79,7 @@ class BlockPartials:
             self.cos_sum + other.cos_sum,
             self.norm_sum + other.norm_sum,
             self.moments.merge(other.moments),
+            self.heldout.merge(other.heldout),
         )
 
 
@@ -124,8 +131,23 @@ def chunk_partials(
         z_rp = np.concatenate([h.reshape(n * t, -1) for h in hs], axis=1)
         moments = Moments.from_rows(z_rp, xp)
     else:  # CKA skipped, or impossible: it needs token rows shared by all points
-        moments = Moments(0, np.zeros(0), np.zeros((0, 0)))
+        moments = Moments.empty()
     return BlockPartials(n, n * t, sq, rel, cos, norm_sum, moments)
+
+
+def split_chunk_partials(
+    points: Sequence[np.ndarray], held: np.ndarray, cka: bool = True, xp: ModuleType = np
+) -> BlockPartials:
+    """:func:`chunk_partials` of a chunk some of whose samples (boolean mask ``held``) are held
+    out: every sum covers all samples, the joint moments of the held-out samples' rows are kept
+    apart (``heldout``), so that a fit solves from the others and is judged on those."""
+    if not held.any():
+        return chunk_partials(points, cka, xp)
+    kept = chunk_partials([p[held] for p in points], cka, xp)
+    kept = replace(kept, moments=Moments.empty(), heldout=kept.moments)
+    if held.all():
+        return kept
+    return chunk_partials([p[~held] for p in points], cka, xp).merge(kept)
 
 
 def cka_from_moments(m2: np.ndarray, widths: Sequence[int]) -> np.ndarray:

@@ -28,6 +28,15 @@ class BlockStats:
     # the CKA is made of, and the normal equations of every span (``fit`` solves from them).
     moments: Moments | None = None
     widths: list[int] = field(default_factory=list)
+    # With a held-out split (``stats --holdout``): ``moments`` cover the rows to fit, these the
+    # held-out rows, and every statistic above covers both.
+    heldout: Moments | None = None
+
+    def all_moments(self) -> Moments | None:
+        """The joint moments of every row the statistics cover."""
+        if self.moments is None or self.heldout is None:
+            return self.moments
+        return self.moments.merge(self.heldout)
 
     @property
     def n_blocks(self) -> int:
@@ -43,7 +52,7 @@ class BlockStats:
         span = np.full((k, k), np.nan)
         upper = np.triu_indices(k, 1)
         span[upper] = partials.rel_change[upper] / n
-        m2 = partials.moments.m2
+        m2 = partials.moments.merge(partials.heldout).m2
         cka = cka_from_moments(m2, widths) if m2.size else np.full((k, k), np.nan)
         return cls(
             br=-partials.sq_change[steps - 1, steps] / n,
@@ -57,6 +66,7 @@ class BlockStats:
             attrs=attrs,
             moments=partials.moments if m2.size else None,
             widths=list(widths),
+            heldout=partials.heldout if m2.size and partials.heldout.n else None,
         )
 
     def candidates(self, max_span: int = 4, top: int = 10) -> list[dict[str, Any]]:
@@ -123,6 +133,10 @@ class BlockStats:
             ds["feature_point"] = ("feature", np.repeat(points, self.widths))
             ds.attrs["moment_count"] = int(self.moments.n)
             ds.attrs["moment_widths"] = [int(w) for w in self.widths]
+        if self.heldout is not None:
+            ds["heldout_mean"] = ("feature", self.heldout.mean)
+            ds["heldout_m2"] = (("feature", "feature_b"), self.heldout.m2)
+            ds.attrs["heldout_count"] = int(self.heldout.n)
         return ds
 
     @classmethod
@@ -134,6 +148,10 @@ class BlockStats:
             n = int(attrs.pop("moment_count"))
             widths = [int(w) for w in attrs.pop("moment_widths")]
             moments = Moments(n, ds["moment_mean"].values, ds["moment_m2"].values)
+        heldout = None
+        if "heldout_m2" in ds:
+            n_held = int(attrs.pop("heldout_count"))
+            heldout = Moments(n_held, ds["heldout_mean"].values, ds["heldout_m2"].values)
         return cls(
             br=ds["br"].values,
             relative_change=ds["relative_change"].values,
@@ -146,6 +164,7 @@ class BlockStats:
             attrs=attrs,
             moments=moments,
             widths=widths,
+            heldout=heldout,
         )
 
     def format_table(self, max_span: int = 4, top: int = 10) -> str:

@@ -45,6 +45,35 @@ class SampleSelection:
         return np.sort(rng.choice(available, size=wanted, replace=False))
 
 
+def split_holdout(
+    indices: np.ndarray, fraction: float | None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, held)``: ``fraction`` of ``indices`` held out, drawn with ``seed``.
+
+    ``stats --holdout``, ``extract --stats --holdout`` and ``fit --holdout`` all split with this
+    function, so that the held-out moments saved with statistics cover exactly a fit's held-out
+    rows.
+    """
+    if fraction is None:
+        return indices, indices[:0]
+    if not 0 < fraction < 1:
+        raise UsageError(f"--holdout {fraction} is out of range; pass a fraction between 0 and 1")
+    n_held = max(1, round(fraction * len(indices)))
+    if n_held >= len(indices):
+        raise UsageError(
+            f"--holdout {fraction} leaves no sample to fit ({len(indices)} samples); "
+            "pass a smaller fraction"
+        )
+    rng = np.random.default_rng(seed)
+    held = np.sort(rng.choice(indices, size=n_held, replace=False))
+    return np.setdiff1d(indices, held), held
+
+
+def describe_holdout(fraction: float | None, seed: int) -> dict[str, Any] | None:
+    """How saved statistics and fits record a held-out split (None: no split)."""
+    return None if fraction is None else {"fraction": float(fraction), "seed": int(seed)}
+
+
 def usable_samples(store: Store, allow_incomplete: bool) -> np.ndarray:
     """Indices of the samples in complete shards; refuses an incomplete store unless allowed."""
     layout = store.layout
