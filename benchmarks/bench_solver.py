@@ -194,12 +194,15 @@ def measure(method: str, store: Path, work: Path, n_mem: int) -> dict[str, Any]:
 
 
 def n_samples_for(ctx: Context, d: int) -> tuple[int, int]:
-    """The store's N (the size's rows) and the in-memory methods' N (capped so that they fit in
-    half the free memory)."""
+    """The store's N (at least the size's rows) and the in-memory methods' N (capped so that
+    they fit in half the free memory). When capped, the store's N is a whole multiple of it: the
+    store repeats those samples a whole number of times, so that its least-squares map is
+    exactly theirs (a partial last repeat would weight some samples more)."""
     rows = ctx.pick(smoke=24 * TOKENS, quick=200_000, full=1_000_000)
     n_store = -(-rows // TOKENS)
     budget = available_bytes() // 2
-    return n_store, max(8, min(n_store, budget // (BYTES_PER_ROW_CHANNEL * d * TOKENS)))
+    n_mem = max(8, min(n_store, budget // (BYTES_PER_ROW_CHANNEL * d * TOKENS)))
+    return -(-n_store // n_mem) * n_mem, n_mem
 
 
 def run_width(ctx: Context, d: int, repeats: int, figures: Figures) -> list[dict[str, Any]]:
