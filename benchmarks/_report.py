@@ -25,6 +25,7 @@ TITLES = {
     "out_of_core": "Out of core",
     "extract": "Extraction",
     "stats": "Statistics",
+    "moments": "Joint moments during extraction",
     "gpu": "GPU",
 }
 ORDER = ("summary", *BENCHMARKS)

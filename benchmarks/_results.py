@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-BENCHMARKS = ("solver", "scaling", "out_of_core", "extract", "stats", "gpu")
+BENCHMARKS = ("solver", "scaling", "out_of_core", "extract", "stats", "moments", "gpu")
 SIZES = ("smoke", "quick", "full")
 Size = Literal["smoke", "quick", "full"]
 T = TypeVar("T")

@@ -39,7 +39,7 @@ def test_smoke_suite_writes_wellformed_results(tmp_path: Path) -> None:
             assert kind in ("min", "max")
             assert math.isfinite(r["target"][kind])
     ran = {r["benchmark"] for r in results}
-    assert ran >= {"solver", "scaling", "out_of_core", "extract", "stats"}
+    assert ran >= {"solver", "scaling", "out_of_core", "extract", "stats", "moments"}
     metrics = {(r["benchmark"], r["metric"]): r for r in results}
     # figures that carry one of the issue's targets
     assert metrics[("solver", "fit_t_max_abs_err_d64")]["target"] == {"max": 1e-6}
@@ -54,10 +54,25 @@ def test_smoke_suite_writes_wellformed_results(tmp_path: Path) -> None:
     if "gpu" not in ran:
         assert "skipped: no GPU" in markdown
     assert "met" in markdown
-    for png in ("solver.png", "scaling.png", "extract.png", "stats.png"):
+    for png in ("solver.png", "scaling.png", "extract.png", "stats.png", "moments.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     after = REAL_RESULTS.read_bytes() if REAL_RESULTS.exists() else None
     assert after == real_before, "the smoke run must not touch benchmarks/RESULTS.md"
+
+
+@pytest.mark.slow
+def test_smoke_moments_reports_every_variant(tmp_path: Path) -> None:
+    json_path = tmp_path / "bench.json"
+    out = tmp_path / "results"
+    args = ["--smoke", "--only", "moments", "--results-dir", str(out), "--json", str(json_path)]
+    assert main([*args, "--work", str(tmp_path)]) == 0
+    metrics = {r["metric"]: r["value"] for r in json.loads(json_path.read_text())["results"]}
+    for variant in ("plain", "stats", "no_activations"):
+        assert metrics[f"ratio_{variant}_default"] > 0
+    assert metrics["product_flops_ratio_default"] > 0 and metrics["gemm_f64_gflops_default"] > 0
+    assert "stats_extra_ms_per_image_default" in metrics and "product_share_default" in metrics
+    # the embedded default: 17 tokens, p = 13 points x 64 channels
+    assert "| default (embedded) | 16 | 17 x 832 |" in (out / "RESULTS.md").read_text()
 
 
 def test_update_results_keeps_hand_written_text(tmp_path: Path) -> None:
@@ -88,3 +103,31 @@ def test_only_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--only", "solver,nope"])
     assert "unknown benchmark(s) nope" in capsys.readouterr().err
+
+
+def test_a_child_reports_its_own_peak_rss_not_its_parents(tmp_path: Path) -> None:
+    """``ru_maxrss`` keeps the parent's resident size across fork and exec; VmHWM does not."""
+    import numpy as np
+
+    from benchmarks._child import baseline, run_in_child
+
+    held = np.ones(2**26)  # 512 MiB resident in this (the parent) process
+    result = run_in_child(baseline, tmp_path)
+    assert held[-1] == 1.0
+    assert 0 < result["peak_rss_mb"] < 256
+
+
+def test_a_capped_solver_store_repeats_its_samples_a_whole_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else the store's least-squares map is not the in-memory methods' (T error 2e-4 at 1M
+    rows, measured before the fix)."""
+    from benchmarks import bench_solver
+    from benchmarks._results import Context
+
+    monkeypatch.setattr(bench_solver, "available_bytes", lambda: 2 * 10**9)
+    ctx = Context("full", tmp_path, tmp_path)
+    for d in (384, 768, 1024):
+        n_store, n_mem = bench_solver.n_samples_for(ctx, d)
+        assert n_mem < n_store and n_store % n_mem == 0
+        assert n_store * bench_solver.TOKENS >= 1_000_000

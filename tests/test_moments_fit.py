@@ -285,7 +285,7 @@ def test_fit_from_option(tmp_path: Path, small_store: Path, capsys: pytest.Captu
     assert "--from moments" in err and "--holdout 0.25 --seed 3" in err
     assert Store.open(store).list_analyses("fits") == []
     assert main(["stats", str(store), "--holdout", "0.25", "--seed", "3"]) == 0
-    capsys.readouterr()
+    assert "kept apart: 'fit --holdout 0.25 --seed 3'" in capsys.readouterr().out
     assert main([*args, "--from", "moments", "--name", "m"]) == 0
     out = capsys.readouterr().out
     assert "solved from the joint moments saved with stats/tokens-all-holdout0.25-seed3" in out

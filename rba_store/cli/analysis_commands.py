@@ -106,6 +106,13 @@ def stats(
         f"{result.n_rows} token vectors (tokens={chosen_tokens}); {saved} "
         f"stats/{result.attrs.get('name')}\n"
     )
+    split = result.attrs.get("holdout")
+    if split and result.heldout is not None:
+        typer.echo(
+            f"joint moments of the held-out samples ({result.heldout.n:,} token vectors) kept "
+            f"apart: 'fit --holdout {split['fraction']:g} --seed {split['seed']}' reports "
+            "held-out error from them\n"
+        )
     typer.echo(result.format_table(max_span, top))
     for path in written:
         typer.echo(f"plot: {path}")
