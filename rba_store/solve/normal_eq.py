@@ -9,7 +9,6 @@ the small results come back to the host once, for the solve.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from rba_store.solve._backend import array_module, to_numpy
+from rba_store.workspace import float64_buffer
 
 COND_LIMIT = 1e10  # above this condition number of the system, Cholesky gives way to eigh
 GEMM_DTYPES = ("float64", "float32")
@@ -24,24 +24,12 @@ FLOAT32_ROUNDOFF = 2.0**-24  # unit roundoff u of float32 (half its machine epsi
 GEMM_ERROR_NOTE = 1e-6  # a float32 fit whose expected relative error in T exceeds this says so
 
 
-_workspace = threading.local()
-
-
 def _float64_copy(a: Any, xp: ModuleType, slot: str) -> Any:
-    """``a`` as a float64 array this code may modify: on the host, in a per-thread buffer.
-
-    Reusing one buffer per thread and slot (instead of a fresh 10-100 MB array per chunk) keeps
-    the process's peak memory flat however many chunks pass: glibc's allocator otherwise serves
-    such blocks from per-thread heaps that fragment as more chunks go through. The result is
-    valid until the next call with the same slot in the same thread.
-    """
+    """``a`` as a float64 array this code may modify: on the host, in this thread's reused
+    buffer for ``slot`` (:func:`rba_store.workspace.float64_buffer`)."""
     if xp is not np:
         return xp.array(a, dtype=xp.float64, copy=True)
-    buffers: dict[str, np.ndarray] = _workspace.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(slot)
-    if buffer is None or buffer.size < a.size:
-        buffer = buffers[slot] = np.empty(a.size, dtype=np.float64)
-    out = buffer[: a.size].reshape(a.shape)
+    out = float64_buffer(a.shape, slot)
     np.copyto(out, a)
     return out
 

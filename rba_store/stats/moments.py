@@ -18,6 +18,7 @@ from types import ModuleType
 import numpy as np
 
 from rba_store.solve._backend import to_numpy
+from rba_store.workspace import float64_buffer
 
 _TINY = np.finfo(np.float64).tiny
 
@@ -36,12 +37,17 @@ class Moments:
         return cls(0, np.zeros(0), np.zeros((0, 0)))
 
     @classmethod
-    def from_rows(cls, z_rp: np.ndarray, xp: ModuleType = np) -> Moments:
+    def from_rows(cls, z_rp: np.ndarray, xp: ModuleType = np, overwrite: bool = False) -> Moments:
         """The moments of rows ``z_rp``; the (p, p) product runs where ``xp`` (NumPy or CuPy)
-        computes, in float64, and the result comes back to the host."""
+        computes, in float64, and the result comes back to the host. ``overwrite``: ``z_rp``
+        (float64) may be centred in place rather than copied."""
         z = xp.asarray(z_rp, dtype=xp.float64)
         mean = z.mean(axis=0)
-        zc = z - mean
+        if overwrite or z is not z_rp:  # a copy already (cast, or moved to the device)
+            z -= mean
+            zc = z
+        else:
+            zc = z - mean
         return cls(len(z), to_numpy(mean), to_numpy(zc.T @ zc))
 
     def merge(self, other: Moments) -> Moments:
@@ -128,11 +134,23 @@ def chunk_partials(
             cos[b - 1] = (dot / np.maximum(norms, _TINY)).sum()
     norm_sum = np.array([np.sqrt(s).sum() for s in sq_norm])
     if cka and all(h.shape[1] == t for h in hs):
-        z_rp = np.concatenate([h.reshape(n * t, -1) for h in hs], axis=1)
-        moments = Moments.from_rows(z_rp, xp)
+        moments = Moments.from_rows(_joint_rows(points, n, t), xp, overwrite=True)
     else:  # CKA skipped, or impossible: it needs token rows shared by all points
         moments = Moments.empty()
     return BlockPartials(n, n * t, sq, rel, cos, norm_sum, moments)
+
+
+def _joint_rows(points: Sequence[np.ndarray], n: int, t: int) -> np.ndarray:
+    """The rows of ``[h0 | ... | hL]``, (n*t, p) float64, in this thread's reused buffer: each
+    point is cast once, straight into its columns."""
+    widths = [p.shape[2] for p in points]
+    z = float64_buffer((n * t, sum(widths)), "joint-rows")
+    per_token = z.reshape(n, t, -1)
+    start = 0
+    for p, width in zip(points, widths, strict=True):
+        per_token[:, :, start : start + width] = p
+        start += width
+    return z
 
 
 def split_chunk_partials(
