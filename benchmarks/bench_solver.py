@@ -23,6 +23,7 @@ are max |T - T_lstsq| against float64 numpy lstsq on the in-memory rows.
 
 from __future__ import annotations
 
+import resource
 import shutil
 import statistics
 import time
@@ -92,7 +93,13 @@ def fit_child(store: str, gemm_dtype: str, checkpoint: str | None = None) -> dic
     start = time.perf_counter()
     (fit,) = fit_spans(store, options(f"bench-fit-{gemm_dtype}", SampleSelection()))
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "first_call_seconds": first_call, "t": fit.solution.t}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # page faults (malloc_tuning)
+    return {
+        "seconds": seconds,
+        "first_call_seconds": first_call,
+        "minor_faults": faults,
+        "t": fit.solution.t,
+    }
 
 
 def _dask_rows(store: str, point_idx: int, n_samples: int | None = None) -> Any:

@@ -5,8 +5,9 @@ Decoded shards and float64 copies are 10-100 MB blocks. By default glibc hands s
 to the kernel (mmap, or trimming the heap) and gets them again for the next chunk, and every
 first touch of a page is a page fault (on this machine a fresh 250 MB array costs 0.14-0.7 s to
 fill against 0.03 s when reused). A synthetic store of 1016 samples x 197 tokens x D = 768
-(200k rows) is fitted (span 0:1) in a child per run, after one untimed shard, alternating the two
-allocator settings, 3 times each; minor page faults and peak RSS are reported too.
+(200k rows) is fitted (span 0:1, ``bench_solver.fit_child``) in a child per run, after one
+untimed shard, alternating the two allocator settings, 3 times each; minor page faults and peak
+RSS are reported too.
 
     python -m benchmarks.malloc_tuning [--work DIR]
 """
@@ -14,15 +15,13 @@ allocator settings, 3 times each; minor page faults and peak RSS are reported to
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks._child import run_in_child
 from benchmarks._synthetic import write_store
+from benchmarks.bench_solver import fit_child
 
 REPEATS = 3
 KEEP_MEMORY = {
@@ -30,36 +29,6 @@ KEEP_MEMORY = {
     "MALLOC_TRIM_THRESHOLD_": str(2**40),
     "MALLOC_TOP_PAD_": str(2**28),
 }
-CHILD = """
-import json, resource, sys, time
-from rba_store.solve import FitOptions, fit_spans
-from rba_store.store.selection import SampleSelection
-store = sys.argv[1]
-def fit(name, selection):
-    options = FitOptions(spans=((0, 1),), selection=selection, backend="numpy", name=name,
-                         overwrite=True)
-    fit_spans(store, options)
-fit("warm-up", SampleSelection(limit=64))
-start = time.perf_counter()
-fit("timed", SampleSelection())
-seconds = time.perf_counter() - start
-hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"seconds": seconds, "minor_faults": resource.getrusage(0).ru_minflt,
-                  "peak_rss_mb": int(hwm.split()[1]) / 1024}))
-"""
-
-
-def run(store: Path, env: dict[str, str]) -> dict[str, float]:
-    repo = str(Path(__file__).resolve().parents[1])
-    child_env = os.environ | env | {"PYTHONPATH": repo}
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(store)],
-        env=child_env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout)
 
 
 def main() -> None:
@@ -72,7 +41,9 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for _ in range(REPEATS):
             for name, env in variants.items():
-                runs[name].append(run(store, env))
+                runs[name].append(
+                    run_in_child(fit_child, Path(work), env, store=str(store), gemm_dtype="float64")
+                )
     print("| allocator | fit s (median of 3) | ÷ default | minor page faults | peak RSS MB |")
     print("|---|---|---|---|---|")
     base = statistics.median(r["seconds"] for r in runs["glibc default"])

@@ -174,10 +174,12 @@ def run_extraction(
     claim = store.claim_worker(index, workers)
     started = time.perf_counter()
     samples = 0
-    streamed = None
-    if plan.options.stats:
-        options = plan.options
-        streamed = StreamedStats(store, options.stats_holdout, options.stats_holdout_seed)
+    options = plan.options
+    streamed = (
+        StreamedStats(store, options.stats_holdout, options.stats_holdout_seed)
+        if options.stats
+        else None
+    )
     writer = _ShardWriter(store)
     device = plan.options.device
     try:

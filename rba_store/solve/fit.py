@@ -221,7 +221,7 @@ def _moments_source(
     when the rows must be streamed (``--from activations``, float32 products, no such stats)."""
     if options.source == "activations" or options.gemm_dtype != "float64":
         return None
-    found = saved_moments(
+    found = _saved_moments(
         store,
         tokens=options.tokens,
         selection=options.selection,
@@ -241,7 +241,7 @@ def _moments_source(
     return found
 
 
-def saved_moments(
+def _saved_moments(
     store: Store,
     *,
     tokens: str,
@@ -280,14 +280,11 @@ def _heldout_from_moments(
     held: Moments | None, widths: list[int], maps: list[tuple[int, int, np.ndarray, np.ndarray]]
 ) -> list[HoldoutSums]:
     """Held-out sums of every map from the joint moments of the held-out rows."""
+    from rba_store.stats.moments import point_columns  # stats imports the solver's backend
+
     assert held is not None
-    edges = np.concatenate([[0], np.cumsum(widths)]).astype(int)
-    return [
-        HoldoutSums.from_moments(
-            held, slice(edges[a], edges[a + 1]), slice(edges[b], edges[b + 1]), t, bias
-        )
-        for a, b, t, bias in maps
-    ]
+    cols = point_columns(widths)
+    return [HoldoutSums.from_moments(held, cols[a], cols[b], t, bias) for a, b, t, bias in maps]
 
 
 def equations_from_moments(
@@ -295,8 +292,9 @@ def equations_from_moments(
 ) -> dict[int, NormalEquations]:
     """The normal equations of every source and its targets, read off the joint moments of the
     rows of ``[h0 | ... | hL]``: XᵀX is block (a, a), XᵀY block (a, b) (centred, with means)."""
-    edges = np.concatenate([[0], np.cumsum(widths)]).astype(int)
-    cols = [slice(edges[k], edges[k + 1]) for k in range(len(widths))]
+    from rba_store.stats.moments import point_columns  # stats imports the solver's backend
+
+    cols = point_columns(widths)
     out = {}
     for a, targets in plan:
         ys = [cols[b] for b in targets]

@@ -72,12 +72,12 @@ class HoldoutSums:
         """
         n, mean, m2 = held.n, held.mean, held.m2
         mx, my = mean[x_cols], mean[y_cols]
-        sxx, sxy = m2[x_cols, x_cols], m2[x_cols, y_cols]
-        syy = float(np.trace(m2[y_cols, y_cols]))
+        sxx, sxy, syy_block = m2[x_cols, x_cols], m2[x_cols, y_cols], m2[y_cols, y_cols]
+        syy = float(np.trace(syy_block))
         offset = mx @ t + bias - my
         sse = float(np.sum((sxx @ t) * t)) - 2 * float(np.sum(t * sxy)) + syy
         sse += n * float(offset @ offset)
-        same = sxx.shape == m2[y_cols, y_cols].shape
+        same = sxx.shape == syy_block.shape
         sse_identity = float("nan")
         if same:
             sse_identity = float(np.trace(sxx)) - 2 * float(np.trace(sxy)) + syy

@@ -168,17 +168,23 @@ def split_chunk_partials(
     return chunk_partials([p[~held] for p in points], cka, xp).merge(kept)
 
 
+def point_columns(widths: Sequence[int]) -> list[slice]:
+    """The columns of each capture point in the joint rows ``[h0 | ... | hL]``."""
+    edges = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+    return [slice(edges[k], edges[k + 1]) for k in range(len(widths))]
+
+
 def cka_from_moments(m2: np.ndarray, widths: Sequence[int]) -> np.ndarray:
     """Linear CKA between every pair of points from the joint centred co-moment matrix.
 
     CKA(X, Y) = ‖XcᵀYc‖²_F / (‖XcᵀXc‖_F ‖YcᵀYc‖_F), with the cross-products read off ``m2``.
     """
-    edges = np.concatenate([[0], np.cumsum(widths)])
+    cols = point_columns(widths)
     k = len(widths)
     hsic = np.empty((k, k))
     for i in range(k):
         for j in range(i, k):
-            block = m2[edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
+            block = m2[cols[i], cols[j]]
             hsic[i, j] = hsic[j, i] = np.sum(block * block)
     scale = np.sqrt(np.diag(hsic))
     denominator = np.outer(scale, scale)
