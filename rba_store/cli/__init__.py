@@ -5,7 +5,13 @@ codes and the shared options live in :mod:`rba_store.cli.app`; errors become one
 in :mod:`rba_store.cli.main`.
 """
 
-from rba_store.cli import analysis_commands, model_commands, select_command, store_commands
+from rba_store.cli import (
+    analysis_commands,
+    model_commands,
+    reading_commands,
+    select_command,
+    store_commands,
+)
 from rba_store.cli.app import app
 from rba_store.cli.main import main, run
 
@@ -14,6 +20,7 @@ __all__ = [
     "app",
     "main",
     "model_commands",
+    "reading_commands",
     "run",
     "select_command",
     "store_commands",
