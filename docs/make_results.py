@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rba_store.cli.threads import cpu_threads, default_threads
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results:begin (make results) -->", "<!-- results:end -->"
@@ -50,7 +52,17 @@ def measure(work: Path) -> dict[str, Any]:
     }.items():
         selection = select_spans(store, options)
         runs[key] = (selection, evaluate_path(store, selection))
-    return {"store": store, "sweep": sweep, "runs": runs}
+    return {"store": store, "sweep": sweep, "runs": runs, "readings": measure_readings(store)}
+
+
+def measure_readings(store: Any) -> dict[str, Any]:
+    """Modularity curves (class token, token mean) and diffused-redundancy probes of the same
+    store, with the commands' defaults (issue 21)."""
+    from rba_store.readings.modularity import run_modularity
+    from rba_store.readings.probe import run_probe
+
+    curves = {tokens: run_modularity(store, tokens=tokens)[0] for tokens in ("cls", "mean")}
+    return {"modularity": curves, "probe": run_probe(store)[0]}
 
 
 def _rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -118,7 +130,7 @@ def render(figures: dict[str, Any]) -> str:
         last = _rows(report)[f"selected -{k}"] if k else _rows(report)["original"]
         spans = ", ".join(f"{a}:{b}" for a, b in sorted(m.span for m in run.maps)) or "-"
         lines.append(f"| {label} | {spans} | {k} | {_pct(last['accuracy'])} |")
-    lines += ["", *_summary(figures, sweep), "", END]
+    lines += ["", *_summary(figures, sweep), *_readings(figures), "", END]
     return "\n".join(lines)
 
 
@@ -156,6 +168,70 @@ def _summary(figures: dict[str, Any], sweep: dict[str, dict[str, Any]]) -> list[
     return text
 
 
+def _readings(figures: dict[str, Any]) -> list[str]:
+    """Modularity and critical mass per point, and whether they mark the blocks select removes."""
+    import math
+
+    curves, probe = figures["readings"]["modularity"], figures["readings"]["probe"]
+    masses = probe.critical_masses()  # (points, kinds): random, pca_top, pca_bottom, projection
+    marked = {
+        tokens: {m["span"][1] for m in curve.marks() if m["kind"] in ("plateau", "drop")}
+        for tokens, curve in curves.items()
+    }
+
+    def q(tokens: str, point: int) -> str:
+        value = float(curves[tokens].modularity[point])
+        if not math.isfinite(value):
+            return "—"
+        return f"{value:.3f}" + (" (flat)" if point in marked[tokens] else "")
+
+    def share(x: float) -> str:
+        return "—" if not math.isfinite(x) else f"{100 * x:g} %"
+
+    lines = [
+        "",
+        "**Modularity and diffused redundancy** of the same store (`rba-store modularity STORE` "
+        "and `... --tokens mean`: k = 10 nearest neighbours by cosine, Newman's Q of the digit "
+        "classes, *flat* = a step that gains under 2 % of the curve's range or drops; `rba-store "
+        f"probe STORE`: ridge probes on the class token, scored on the {probe.attrs['n_eval']} "
+        "validation images; critical mass = the smallest fraction of channels from which on the "
+        f"probe stays within 1 point of all {probe.widths[0]} channels, mean of {probe.seeds} "
+        "seeds):",
+        "",
+        "| point | Q, class token | Q, token mean | probe, all channels | critical mass, random "
+        "channels | critical mass, top principal components |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, point in enumerate(probe.points):
+        lines.append(
+            f"| h{point} | {q('cls', point)} | {q('mean', point)} | "
+            f"{_pct(probe.full_accuracy[i])} | {share(masses[i, 0])} | {share(masses[i, 1])} |"
+        )
+    chosen = sorted(m.span for m in figures["runs"]["select"][0].maps)
+    removed = [block for a, b in chosen for block in range(a + 1, b + 1)]
+
+    def hits(tokens: str) -> str:
+        found = [str(block) for block in removed if block in marked[tokens]]
+        where = f" (block {', '.join(found)})" if found else ""
+        return f"{len(found)} of the {len(removed)} removed{where}"
+
+    flat = {
+        t: f"block{'s' * (len(found) > 1)} {', '.join(map(str, sorted(found)))}"
+        if found
+        else "no block"
+        for t, found in marked.items()
+    }
+    at_removed = ", ".join(f"h{b} {share(masses[probe.points.index(b), 0])}" for b in removed)
+    lines += [
+        "",
+        f"In words: `select` removes blocks {', '.join(map(str, removed))}. The class-token "
+        f"curve is flat over {flat['cls']}: {hits('cls')}; the token-mean curve over "
+        f"{flat['mean']}: {hits('mean')}. The critical mass of random channels at the "
+        f"removed blocks' outputs is {at_removed}.",
+    ]
+    return lines
+
+
 def replace_block(text: str, block: str) -> str:
     start, end = text.index(BEGIN), text.index(END) + len(END)
     return text[:start] + block + text[end:]
@@ -169,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as work:
+    # The CLI's thread rule (rba_store/cli/threads.py): all cores made this 10x slower on a
+    # shared 2-core machine.
+    with tempfile.TemporaryDirectory() as work, cpu_threads(default_threads()):
         block = render(measure(Path(work)))
     text = README.read_text()
     if args.check:

@@ -83,6 +83,7 @@ class _RetryingLoader:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        uninstall()  # the import is happening: later imports are Python's own
         try:
             self.loader.exec_module(module)
         except RuntimeError as e:
@@ -99,16 +100,19 @@ class _RetryingLoader:
 
 
 class TorchvisionFinder:
-    """A ``sys.meta_path`` finder that acts on the import of ``torchvision`` only, once: it wraps
-    torchvision's loader, then steps aside."""
+    """A ``sys.meta_path`` finder that acts on the import of ``torchvision`` only: it wraps
+    torchvision's loader, which steps the finder aside when the import runs. A mere look-up
+    (``importlib.util.find_spec("torchvision")``, as transformers does before importing it)
+    leaves the finder in place for the import that follows."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != "torchvision":
             return None
-        uninstall()
         for finder in sys.meta_path:
+            if isinstance(finder, TorchvisionFinder):
+                continue
             find = getattr(finder, "find_spec", None)
             spec = find(fullname, path, target) if find is not None else None
             if spec is not None:

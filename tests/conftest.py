@@ -12,6 +12,17 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_threads_rule():
+    """The CLI's thread rule for the whole run: library calls in this process, and the
+    subprocesses tests start, use ``$OMP_NUM_THREADS`` or half the CPUs, as ``rba-store`` does
+    (all cores made the suite twice as slow on a shared 2-core machine)."""
+    from rba_store.cli.threads import cpu_threads, default_threads
+
+    with cpu_threads(default_threads()):
+        yield
+
+
 def tree_digest(path: Path) -> str:
     """sha256 over every file (name and bytes) below ``path``: proves a store was not touched."""
     digest = hashlib.sha256()

@@ -93,13 +93,38 @@ BAD = [
     # extract
     (None, ["extract", "--out", S, "--limit", "20"], 1, "different configuration"),
     (None, ["extract", "--out", N, "--limit", "50"], 1, "newer than this rba-store reads"),
-    (None, ["extract", "--out", f"{T}/notes.txt"], 1, "exists and is not an rba-store store"),
+    # issue 18, items 8-10: command-line fixes exit 2; values are checked before name clashes
+    (None, ["extract", "--out", f"{T}/notes.txt"], 2, "is a file; choose a new path"),
+    (None, ["extract", "--out", f"{T}/folder"], 2, "is a folder that is not an rba-store store"),
+    (None, ["extract", "--out", f"{T}/new.zarr", "--limit", "-5"], 2, "--limit -5 is invalid"),
+    (None, ["extract", "--out", f"{T}/new.zarr", "--data", f"{T}/img.png"], 2, "neither a folder"),
+    (None, ["extract", "--out", f"{T}/new.zarr", "--data", f"{T}/junk.npz"], 1, "not a .npz file"),
+    (None, ["fit", S, "--span", "4:6", "--name", "f46", "--holdout", "1.5"], 2, "--holdout 1.5"),
+    (None, ["select", S, "--out", f"{T}/no/such/x.json"], 2, "/no/such' does not exist"),
+    (None, ["select", S, "--out", f"{T}/folder"], 2, "is a folder; pass a file path"),
     (None, ["extract", "--out", S, "--num-workers", "0"], 2, "--num-workers 0 is invalid"),
     (None, ["extract", "--out", S, "--num-workers", "2", "--worker-index", "2"], 2, "pass 0..1"),
     (None, ["extract", "--out", S, "--clevel", "12"], 2, "out of range for --codec blosc-zstd"),
     (None, ["extract", "--out", S, "--chunk-mb", "0"], 2, "--chunk-mb 0.0 is invalid"),
     ("full-disk", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], 1, "no space left"),
     ("read-only", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], 1, "is read-only"),
+    # modularity and probe (issue 21)
+    ("unlabelled", ["modularity", S], 1, "has no labels (every selected sample's label is -1)"),
+    ("unlabelled", ["probe", S], 1, "has no labels (every selected sample's label is -1)"),
+    (None, ["modularity", S, "--k", "50"], 2, "--k 50 needs more than 50 labelled samples"),
+    (None, ["modularity", S, "--k", "0"], 2, "--k 0 is invalid"),
+    (None, ["modularity", S, "--points", "14"], 2, "capture point 14 does not exist in"),
+    (None, ["modularity", S, "--tokens", "all"], 2, "Invalid value for '--tokens'"),
+    (None, ["modularity", S, "--plateau", "1"], 2, "--plateau 1.0 is out of range"),
+    (None, ["modularity", N], 1, "newer than this rba-store reads"),
+    ("read-only", ["modularity", S], 1, "is read-only (Permission denied); make it"),
+    ("full-disk", ["modularity", S], 1, "no space left on the device writing"),
+    (None, ["probe", S, "--fractions", "0,0.5"], 2, "fraction 0 is outside (0, 1]"),
+    (None, ["probe", S, "--fractions", "0.5,1.5"], 2, "fraction 1.5 is outside (0, 1]"),
+    (None, ["probe", S, "--points", "h13"], 2, "capture point h13 does not exist in"),
+    (None, ["probe", S, "--seeds", "0"], 2, "--seeds 0 is invalid"),
+    (None, ["probe", S, "--eval-store", f"{T}/absent.zarr"], 2, "does not exist"),
+    (None, ["probe", S, "--eval-store", N], 1, "newer than this rba-store reads"),
 ]
 
 
@@ -137,6 +162,12 @@ def test_bad_invocation_is_one_line_and_leaves_stores_byte_identical(
     group = zarr.open_group(str(newer), mode="r+", use_consolidated=False)
     group.attrs["rba_store"] = dict(group.attrs["rba_store"]) | {"format_version": 99}
     (tmp_path / "notes.txt").write_text("not a store")
+    (tmp_path / "img.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "junk.npz").write_text("not arrays")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "mine.txt").write_text("someone's")
+    if setup == "unlabelled":
+        zarr.open_group(str(store), mode="r+", use_consolidated=False)["label"][:] = -1
     if setup == "incomplete":
         zarr.open_group(str(store), mode="r+", use_consolidated=False)["ledger/shards"][1] = 0
     before = {path: tree_digest(path) for path in (store, newer)}
@@ -157,9 +188,11 @@ def test_bad_invocation_is_one_line_and_leaves_stores_byte_identical(
     assert {path: tree_digest(path) for path in (store, newer)} == before
     assert not (tmp_path / "new.zarr").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["mine.txt"]
 
 
 def test_the_table_covers_every_command_with_at_least_30_cases() -> None:
     commands = {argv[0] for _, argv, _, _ in BAD}
-    assert commands == {"extract", "info", "stats", "fit", "apply", "evaluate", "validate"}
+    every = {"extract", "info", "validate", "stats", "fit", "evaluate", "select", "apply"}
+    assert every <= commands
     assert len(BAD) >= 30

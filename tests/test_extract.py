@@ -12,7 +12,7 @@ import xarray as xr
 import zarr
 
 from rba_store import store as rs
-from rba_store.errors import ConfigMismatchError, ModelError, StoreError
+from rba_store.errors import ConfigMismatchError, ModelError, UsageError
 from rba_store.extract import ExtractOptions, plan_extraction, run_extraction
 from rba_store.extract.models import sha256_file
 from tests.conftest import tree_digest
@@ -235,7 +235,7 @@ def test_overwrite_replaces_store_but_never_a_foreign_folder(tmp_path: Path) -> 
     foreign = tmp_path / "home"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(StoreError, match="not an rba-store store"):
+    with pytest.raises(UsageError, match="not an rba-store store"):
         run_extraction(plan_extraction(ExtractOptions(limit=8)), foreign, overwrite=True)
     assert (foreign / "thesis.tex").read_text() == "precious"
 

@@ -95,11 +95,11 @@ def sweep_report() -> dict:  # type: ignore[type-arg]
 
 
 def test_sweep_plot_keeps_every_series_and_reference_visible(tmp_path: Path) -> None:
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(15, 4))
     path = write_sweep_plot(sweep_report(), tmp_path / "sweep.png", title="t", fig=fig)
     data = path.read_bytes()
     assert data[:8] == PNG and len(data) > 10_000
-    ax_acc = fig.axes[0]
+    ax_acc = fig.axes[1]  # accuracy near the original (fig.axes[0] holds every value)
     lines = {line.get_label(): line for line in ax_acc.get_lines()}
     linear, identity = lines["fitted linear map T"], lines["identity (drop blocks)"]
     assert linear.get_marker() != identity.get_marker()
@@ -113,6 +113,4 @@ def test_sweep_plot_keeps_every_series_and_reference_visible(tmp_path: Path) -> 
     # the y-range keeps the 1-pt gap at least 2 % of the axis height
     low, high = ax_acc.get_ylim()
     assert 1 / (high - low) >= 0.02 and low < 97.3 - 1 < 97.3 < high
-    # values below the range are marked on its edge with their value
-    texts = [t.get_text() for t in ax_acc.texts]
-    assert texts == ["40.0", "10.0"]
+    # and the first panel holds every value (tests/test_new_commands_usability.py, item 11)

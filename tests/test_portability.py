@@ -116,6 +116,36 @@ def test_hook_declares_the_operators_and_imports_again_after_that_error(
     assert sys.modules["torchvision"] is torchvision
 
 
+def test_a_look_up_before_the_import_keeps_the_hook(
+    fake_torchvision: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers looks torchvision up (``find_spec``) before importing it: the hook must
+    still wrap the import that follows (it stepped aside at the look-up before)."""
+    import importlib.util
+
+    (fake_torchvision / "__init__.py").write_text(
+        "import sys\nif not getattr(sys, '_rba_ops_declared', False):\n"
+        "    raise RuntimeError('operator torchvision::nms does not exist')\nhealthy = True\n"
+    )
+    monkeypatch.setattr(
+        _torchvision_hook,
+        "declare_missing_operators",
+        lambda: monkeypatch.setattr(sys, "_rba_ops_declared", True, raising=False),
+    )
+    _torchvision_hook.install()
+    assert importlib.util.find_spec("torchvision") is not None
+    import torchvision
+
+    assert torchvision.healthy
+    assert not any(isinstance(f, _torchvision_hook.TorchvisionFinder) for f in sys.meta_path)
+
+
+def test_users_can_import_transformers_models() -> None:
+    out = _run_python("from transformers import LlamaConfig; print(LlamaConfig().model_type)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "llama"
+
+
 def test_hook_reraises_other_errors(fake_torchvision: Path) -> None:
     (fake_torchvision / "__init__.py").write_text("raise RuntimeError('some other failure')\n")
     _torchvision_hook.install()

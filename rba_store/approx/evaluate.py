@@ -153,6 +153,8 @@ def evaluate_variants(
     chosen = choose_classifier(store, classifier)
     _check_device(device)
     loaded = rebuild_model(description["model"], checkpoint, store)
+    if chosen.kind == "probe":  # count and time what is evaluated (and what apply writes)
+        loaded.module.head = chosen.as_head()
     loaded.module.to(device)
     source = source or test_source(description["data"])
     if limit is not None:

@@ -7,7 +7,11 @@ model.safetensors`` holds the approximated model's whole state dict.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ from torch import nn
 from rba_store.approx.evaluate import Classifier
 from rba_store.approx.rebuild import build_architecture, rebuild_model
 from rba_store.approx.surgery import SpanMap, replace_spans
-from rba_store.errors import StoreError
+from rba_store.errors import StoreError, UsageError
 from rba_store.store import Store, normalize
 
 RECIPE_VERSION = 1
@@ -48,9 +52,7 @@ def write_approximated(
         assert classifier is not None
         model.head = classifier.as_head()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
     recipe = {
         "format_version": RECIPE_VERSION,
         "base_model": description["model"],
@@ -65,8 +67,63 @@ def write_approximated(
             for m, name in zip(maps, fit_names, strict=True)
         ],
     }
-    (out / "recipe.json").write_text(json.dumps(normalize(recipe), indent=2))
+    with _staged_folder(out) as staging:
+        save_file(state, str(staging / "model.safetensors"))
+        (staging / "recipe.json").write_text(json.dumps(normalize(recipe), indent=2))
     return out
+
+
+def check_model_out(out: str | Path, overwrite: bool) -> None:
+    """Refuse, before any work, to write a model where something is: an earlier model of
+    ``apply`` is replaced only with ``overwrite``; any other non-empty folder never."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "recipe.json").is_file():
+        raise UsageError(
+            f"--out {str(out)!r} is a folder that holds other files, not a model written by "
+            "'rba-store apply'; choose a new or empty folder (it is left untouched)"
+        )
+    if not overwrite:
+        raise UsageError(
+            f"--out {str(out)!r} already holds a model written by 'rba-store apply'; pass "
+            "--overwrite to replace it, or choose another folder"
+        )
+
+
+@contextlib.contextmanager
+def _staged_folder(out: Path) -> Iterator[Path]:
+    """A folder beside ``out`` to write into, moved to ``out`` (replacing an earlier model) only
+    when everything is written: a failure leaves ``out`` as it was. Files get the permissions the
+    umask gives new files (safetensors writes through a private temporary file, mode 0600)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        mode = 0o666 & ~_umask()
+        for file in staging.iterdir():
+            file.chmod(mode)
+        replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        if out.exists():
+            os.replace(out, replaced)
+        os.replace(staging, out)
+        shutil.rmtree(replaced, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (no race with other
+    threads creating files), else by setting it and back."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

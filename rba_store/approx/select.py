@@ -12,6 +12,8 @@ is measured at the end, for every step of the path.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ class SelectOptions:
     max_blocks: int | None = None
     max_span: int = 2
     candidates: int | None = None  # only the best K spans by the statistics; None: all
+    candidates_by: str = "statistics"  # what ranks them: the statistics or the modularity curve
     maps: str = "linear"  # what replaces a span: linear, identity, or the better of both
     refit: bool = False
     rank_by: str = "agreement"  # with the original's predictions, or "accuracy" (noisier)
@@ -59,6 +62,12 @@ class SelectOptions:
             raise UsageError(f"--max-span {self.max_span} is out of range; pass 1..{n_blocks}")
         if self.candidates is not None and self.candidates < 1:
             raise UsageError(f"--candidates {self.candidates} is invalid; pass a positive number")
+        if self.candidates_by not in ("statistics", "modularity"):
+            raise UsageError(
+                f"--candidates-by {self.candidates_by!r} is not valid; use statistics or modularity"
+            )
+        if self.candidates_by == "modularity" and self.candidates is None:
+            raise UsageError("--candidates-by modularity ranks --candidates K; pass --candidates")
         if self.rank_by not in ("agreement", "accuracy"):
             raise UsageError(f"--rank-by {self.rank_by!r} is not valid; use agreement or accuracy")
         if self.maps not in MAP_KINDS:
@@ -100,6 +109,10 @@ def candidate_spans(store: Store, options: SelectOptions) -> list[Span]:
     n = store.layout.n_blocks
     if options.candidates is None:
         return [(a, a + k) for k in range(1, options.max_span + 1) for a in range(n - k + 1)]
+    if options.candidates_by == "modularity":  # the spans whose gain in Q is lowest
+        from rba_store.readings import modularity_spans
+
+        return modularity_spans(store, options.candidates, options.max_span)
     from rba_store.stats import run_stats
 
     stats, _ = run_stats(store)
@@ -147,19 +160,31 @@ class _Validation:
         return accuracy, agreement
 
 
+# progress(step, candidate, candidates, batch, batches): after each candidate on each batch
+SelectProgress = Callable[[int, int, int, int, int], None]
+
+
 def _try_candidates(
-    net: SplitNetwork, val: _Validation, trials: list[SpanMap]
+    net: SplitNetwork,
+    val: _Validation,
+    trials: list[SpanMap],
+    progress: Callable[[int, int, int, int], None] | None = None,
 ) -> list[tuple[float, float]]:
-    """Validation accuracy and agreement of the network with each trial map added."""
+    """Validation accuracy and agreement of the network with each trial map added.
+
+    ``progress(candidate, candidates, batch, batches)`` is called after each candidate on each
+    batch (1-based)."""
     modules = [m.module() for m in trials]
     predicted: list[list[np.ndarray]] = [[] for _ in trials]
-    for x in val.batches:
+    for j, x in enumerate(val.batches, start=1):
         points = net.all_points(net.stem(x))
         for i, (trial, module) in enumerate(zip(trials, modules, strict=True)):
             a, b = trial.span
             with torch.inference_mode():
                 h = net.run(module(points[a]), b)
             predicted[i].append(val.classifier.predict_from(net, h))
+            if progress is not None:
+                progress(i + 1, len(trials), j, len(val.batches))
     return [val.score(np.concatenate(p)) for p in predicted]
 
 
@@ -183,8 +208,12 @@ def select_spans(
     store: Store | str | Path,
     options: SelectOptions,
     checkpoint: str | Path | None = None,
+    progress: SelectProgress | None = None,
 ) -> Selection:
-    """Greedy selection on the validation split (see the module's docstring)."""
+    """Greedy selection on the validation split (see the module's docstring).
+
+    ``progress(step, candidate, candidates, batch, batches)``: called as each step tries its
+    candidates (the number of steps is not known in advance)."""
     store = Store.coerce(store)
     description = store.description
     options.check(store.layout.n_blocks)
@@ -218,7 +247,10 @@ def select_spans(
             trials += [linear[s] for s in open_spans]
         if options.maps in ("identity", "both"):
             trials += [SpanMap(s) for s in open_spans]
-        scores = _try_candidates(net, val, trials)
+        step_progress = (
+            None if progress is None else functools.partial(progress, len(selection.steps) + 1)
+        )
+        scores = _try_candidates(net, val, trials, step_progress)
 
         best = _best(trials, scores, options.rank_by)
         accuracy, agreement = scores[best]
@@ -274,7 +306,10 @@ def _save_refitted(store: Store, selection: Selection) -> None:
 
 
 def evaluate_path(
-    store: Store, selection: Selection, checkpoint: str | Path | None = None
+    store: Store,
+    selection: Selection,
+    checkpoint: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Test-split figures of the original and of the network after every step of the path,
     with the same spans dropped (identity) next to it."""
@@ -293,6 +328,7 @@ def evaluate_path(
         batch_size=selection.options.batch_size,
         source=test,
         classifier=selection.options.classifier,
+        progress=progress,
     )
 
 

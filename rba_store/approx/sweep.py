@@ -86,10 +86,10 @@ def write_sweep_plot(
 ) -> Path:
     """Accuracy and parameters against the number of removed blocks, linear vs identity.
 
-    Linear maps are filled circles drawn on top of larger hollow identity squares, so equal
-    values show both. The accuracy axis keeps "original" (solid) and "original - 1 pt"
-    (dashed, with the band between them shaded) apart: it spans at most 25 points below the
-    original; lower values sit on the bottom edge as triangles labelled with their value.
+    Three panels: every accuracy on an axis that holds them all (nothing clipped, no labels to
+    collide); the same near the original, where "original" (solid) and "original - 1 pt"
+    (dashed, the band between them shaded) stay apart; and the parameters. Linear maps are
+    filled circles drawn on top of larger hollow identity squares, so equal values show both.
     ``fig``: an empty Figure to draw into (to inspect it afterwards); a new one by default.
     """
     from matplotlib.figure import Figure
@@ -103,64 +103,48 @@ def write_sweep_plot(
         for kind in ("linear", "identity")
     }
     values = np.concatenate([*series.values(), [top, top - 1]])
-    floor = max(float(values.min()) - 1.5, top - 25)
-    ceiling = max(float(values.max()), top) + 1.5
     if fig is None:
-        fig = Figure(figsize=(11, 4))
-    ax_acc, ax_par = fig.subplots(1, 2)
-    ax_acc.axhspan(top - 1, top, color="tab:green", alpha=0.12, lw=0, label="within 1 pt")
-    ax_acc.axhline(top, color="k", lw=1.2, ls="-", label=f"original ({top:.1f}%)")
-    ax_acc.axhline(top - 1, color="tab:green", lw=1.2, ls="--", label="original - 1 pt")
+        fig = Figure(figsize=(15, 4))
+    ax_all, ax_near, ax_par = fig.subplots(1, 3)
     styles = {
         "linear": dict(marker="o", ls="-", ms=6, zorder=4, color="tab:blue"),
         "identity": dict(
             marker="s", ls="--", ms=11, zorder=3, color="tab:orange", mfc="none", mew=1.5
         ),
     }
-    for kind, accuracy in series.items():
-        shown = np.maximum(accuracy, floor)
-        ax_acc.plot(
-            ks,
-            shown,
-            **styles[kind],
-            label="fitted linear map T" if kind == "linear" else "identity (drop blocks)",
+    labels = {"linear": "fitted linear map T", "identity": "identity (drop blocks)"}
+    margin = 0.04 * max(float(values.max() - values.min()), 1.0)
+    near_low = top - 4
+    for ax, (low, high) in (
+        (ax_all, (float(values.min()) - margin, float(values.max()) + margin)),
+        (ax_near, (near_low, top + 1)),
+    ):
+        ax.axhspan(top - 1, top, color="tab:green", alpha=0.12, lw=0, label="within 1 pt")
+        ax.axhline(top, color="k", lw=1.2, ls="-", label=f"original ({top:.1f}%)")
+        ax.axhline(top - 1, color="tab:green", lw=1.2, ls="--", label="original - 1 pt")
+        for kind, accuracy in series.items():
+            ax.plot(ks, accuracy, **styles[kind], label=labels[kind])
+        ax.set_ylim(low, high)
+        ax.set(xlabel="blocks removed", ylabel="test accuracy (%)")
+    ax_all.set_title("Accuracy (all)")
+    below = int(sum((a < near_low).sum() for a in series.values()))
+    ax_near.set_title(
+        "Accuracy near the original" + (f" ({below} points below, see left)" if below else ""),
+        fontsize=10,
+    )
+    ax_all.legend(fontsize=8)
+    for kind, marker in (("linear", "o-"), ("identity", "s--")):
+        style = {k: v for k, v in styles[kind].items() if k not in ("marker", "ls")}
+        ax_par.plot(
+            [0, *ks],
+            [original["params"] / 1e6] + [rows[f"{kind} -{k}"]["params"] / 1e6 for k in ks],
+            marker,
+            **style,
+            label="with linear maps" if kind == "linear" else "identity",
         )
-        for k, value in zip(ks, accuracy, strict=True):
-            if value < floor:  # off the axis: a triangle on the edge, with the value
-                ax_acc.plot(k, floor, "v", color=styles[kind]["color"], ms=9, zorder=5)
-                ax_acc.annotate(
-                    f"{value:.1f}",
-                    (k, floor),
-                    textcoords="offset points",
-                    xytext=(0, 11),
-                    ha="center",
-                    fontsize=7,
-                    color=styles[kind]["color"],
-                )
-    ax_acc.set_ylim(floor - 0.5, ceiling)
-    ax_acc.set(xlabel="blocks removed", ylabel="test accuracy (%)", title="Accuracy")
-    ax_acc.legend(fontsize=8)
-    ax_par.plot(
-        [0, *ks],
-        [original["params"] / 1e6] + [rows[f"linear -{k}"]["params"] / 1e6 for k in ks],
-        "o-",
-        ms=6,
-        zorder=4,
-        label="with linear maps",
-    )
-    ax_par.plot(
-        [0, *ks],
-        [original["params"] / 1e6] + [rows[f"identity -{k}"]["params"] / 1e6 for k in ks],
-        "s--",
-        ms=11,
-        mfc="none",
-        mew=1.5,
-        zorder=3,
-        label="identity",
-    )
     ax_par.set(xlabel="blocks removed", ylabel="parameters (M)", title="Parameters")
     ax_par.legend()
-    for ax in (ax_acc, ax_par):
+    for ax in (ax_all, ax_near, ax_par):
         ax.grid(alpha=0.3)
         ax.set_xticks([0, *ks])
     fig.suptitle(title)

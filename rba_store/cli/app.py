@@ -2,17 +2,57 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from rba_store.errors import UsageError
+
+# The commands in the order a user runs them; commands not named here follow, as registered.
+PIPELINE = (
+    "extract",
+    "info",
+    "validate",
+    "stats",
+    "modularity",
+    "probe",
+    "fit",
+    "evaluate",
+    "select",
+    "apply",
+)
+GLOBAL_OPTIONS = (
+    "Anywhere on the line: --threads N (CPU threads of torch and BLAS; default "
+    "$OMP_NUM_THREADS, else half the CPUs), --verbose/-v (tracebacks and progress logging)."
+)
+
+
+class PipelineGroup(TyperGroup):
+    """Lists the commands in pipeline order, and ends every command's help with the options
+    that :func:`rba_store.cli.main.main` takes anywhere on the line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(PIPELINE)}
+        return sorted(names, key=lambda name: rank.get(name, len(PIPELINE)))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None and not command.epilog:
+            command.epilog = GLOBAL_OPTIONS
+        return command
+
 
 app = typer.Typer(
     name="rba-store",
     help="Find and replace redundant blocks of neural networks from an activation store.",
+    cls=PipelineGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -82,10 +122,36 @@ AllowIncompleteOpt = Annotated[
 ]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from rba_store import __version__
+
+        typer.echo(f"rba-store {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show tracebacks and progress logging.")
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Show tracebacks and progress logging (anywhere on the line)."
+        ),
+    ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads of torch and BLAS, anywhere on the line [default: "
+            "$OMP_NUM_THREADS, else half the CPUs].",
+            metavar="N",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_show_version, is_eager=True
+        ),
     ] = False,
 ) -> None:
     """rba-store: extract activations once, then analyse them out of core."""
@@ -114,6 +180,22 @@ def check_folder(path: Path | None, flag: str) -> None:
         raise UsageError(
             f"{flag} {str(path)!r} is a file; pass a folder (it is created when missing)"
         )
+
+
+def check_output_file(path: Path | None, flag: str) -> None:
+    """Refuse, before any work, an output file that cannot be written where it is named."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is a folder; pass a file path (e.g. out.json)")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(
+            f"{flag} {str(path)!r}: the folder {str(parent)!r} does not exist; create it or "
+            "choose another path"
+        )
+    if not os.access(parent, os.W_OK):
+        raise OSError(errno.EACCES, "Permission denied", str(parent))
 
 
 def mb(n: float) -> str:

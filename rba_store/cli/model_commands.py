@@ -35,9 +35,18 @@ def _span_maps(store: Any, fits: list[str], identities: list[str]) -> tuple[list
     return maps, names
 
 
+def _selection_maps(store: Any, path: Path) -> list:
+    """The maps of a saved selection, exactly as ``apply --selection`` builds them."""
+    from rba_store.approx.selection_io import read_selection
+
+    return _span_maps(store, *read_selection(path, store))[0]
+
+
 @app.command()
 def apply(
-    store: Annotated[Path, typer.Argument(help="A store with fits (rba-store fit).")],
+    store: Annotated[
+        Path, typer.Argument(help="A store with fits (rba-store fit).", metavar="STORE")
+    ],
     out: Annotated[Path, typer.Option(help="Folder for the approximated model.")],
     fit_names: Annotated[
         list[str] | None,
@@ -52,14 +61,18 @@ def apply(
     ] = None,
     checkpoint: CheckpointOpt = None,
     classifier: ClassifierOpt = Classifier.auto,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a model written before by 'rba-store apply' in --out.")
+    ] = False,
 ) -> None:
     """Write the model with spans replaced by fitted maps: safetensors weights plus a recipe."""
     from rba_store.approx import count_parameters
     from rba_store.approx.evaluate import choose_classifier
-    from rba_store.approx.recipe import load_approximated, write_approximated
+    from rba_store.approx.recipe import check_model_out, load_approximated, write_approximated
     from rba_store.store import Store
 
     check_folder(out, "--out")
+    check_model_out(out, overwrite)
     opened = Store.open(store)
     fit_names, identity = list(fit_names or []), list(identity or [])
     if selection is not None:
@@ -68,7 +81,7 @@ def apply(
         chosen_fits, chosen_identities = read_selection(selection, opened)
         fit_names += chosen_fits
         identity += chosen_identities
-    maps, names = _span_maps(opened, fit_names, identity)
+    maps, names = _span_maps(opened, fit_names, identity)  # what evaluate --combine measures
     if not maps:
         raise UsageError(
             "nothing to apply; pass --fit NAME (see 'rba-store info'), --identity a:b or "
@@ -96,6 +109,20 @@ def evaluate(
     identity: Annotated[
         list[str] | None,
         typer.Option(help="a:b: evaluate dropping these blocks (repeatable).", metavar="A:B"),
+    ] = None,
+    combine: Annotated[
+        bool,
+        typer.Option(
+            help="Evaluate all --fit and --identity spans together, as one model (the one "
+            "'apply' writes from the same options), instead of one variant each."
+        ),
+    ] = False,
+    selection: Annotated[
+        Path | None,
+        typer.Option(
+            help="Evaluate the spans a 'rba-store select' chose (its JSON file), as one model: "
+            "the one 'apply --selection' writes."
+        ),
     ] = None,
     auto: Annotated[
         bool, typer.Option(help="Sweep: remove 1, 2, 3 ... blocks ranked by the statistics.")
@@ -136,17 +163,26 @@ def evaluate(
         ):
             if value is not None:
                 raise UsageError(f"{flag} applies to the --auto sweep only; add --auto or drop it")
+    if combine and not (fit_names or identity):
+        raise UsageError("--combine joins the --fit and --identity spans: pass some, or drop it")
     opened = Store.open(store)
 
     variants: list[Variant] = []
-    for name in fit_names or []:
-        variants.append(fit_variant(opened, [name]))
-    for text in identity or []:
-        variants.append(identity_variant([parse_span(text)]))
+    if combine:
+        maps, names = _span_maps(opened, list(fit_names or []), list(identity or []))
+        label = "+".join(n or f"{m.span[0]}:{m.span[1]}" for m, n in zip(maps, names, strict=True))
+        variants.append(Variant(label, maps))
+    else:
+        for name in fit_names or []:
+            variants.append(fit_variant(opened, [name]))
+        for text in identity or []:
+            variants.append(identity_variant([parse_span(text)]))
+    if selection is not None:
+        variants.append(Variant(f"selection {selection.stem}", _selection_maps(opened, selection)))
     if not variants and not auto:
         raise UsageError(
-            f"nothing to evaluate in {str(store)!r}: pass --fit NAME, --identity a:b or --auto "
-            "(fit maps first with 'rba-store fit')"
+            f"nothing to evaluate in {str(store)!r}: pass --fit NAME, --identity a:b, "
+            "--selection FILE or --auto (fit maps first with 'rba-store fit')"
         )
     try:
         if auto:
@@ -168,10 +204,10 @@ def evaluate(
             "fits/a-b and reused, so re-running the same command goes on from there"
         ) from None
     plot = None
-    if auto:
-        plot = write_sweep_plot(report, (plots or Path("runs")) / "sweep.png", title=str(store))
+    if plots is not None:  # only when asked, where asked
+        plot = write_sweep_plot(report, plots / "sweep.png", title=str(store))
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps(report | ({"plot": str(plot)} if plot else {}), indent=2))
         return
     typer.echo(format_report(report))
     if auto:

@@ -102,6 +102,63 @@ class ProgressBar:
         self.progress.update(self.task, advance=samples, rate=rate)
 
 
+class CandidateProgress:
+    """``select``'s progress: the step, the candidate and batch being tried, rate and ETA of
+    the step (the number of steps is not known in advance). A rich bar on a terminal; plain
+    lines (at most one every interval, across steps) otherwise."""
+
+    def __init__(self, label: str = "select") -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self.label, self.plain = label, plain_lines()
+        self.interval = _interval()
+        self.last = time.perf_counter()
+        self.step, self.step_start = 0, self.last
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=self.plain or not console.is_terminal,
+        )
+        self.task = self.progress.add_task(label, total=1)
+
+    def __enter__(self) -> CandidateProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def __call__(
+        self, step: int, candidate: int, candidates: int, batch: int, batches: int
+    ) -> None:
+        now = time.perf_counter()
+        if step != self.step:  # the first report of a step: its rate is not known yet
+            self.step, self.step_start = step, now
+            if self.plain:
+                return
+        done, total = (batch - 1) * candidates + candidate, candidates * batches
+        where = f"{self.label} step {step}: candidate {candidate}/{candidates}" + (
+            f", batch {batch}/{batches}" if batches > 1 else ""
+        )
+        if not self.plain:
+            self.progress.update(self.task, description=where, completed=done, total=total)
+            return
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = max(now - self.step_start, 1e-9)
+        print(
+            f"rba-store: {where} ({100 * done / total:.0f}% of the step), "
+            f"{done / elapsed:,.1f} candidate-batches/s, step {_eta(done, total, elapsed)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def step_progress(label: str, unit: str = "steps") -> Any:
     """A ``progress(done, total)`` callback printing plain lines, or None on a terminal."""
     if not plain_lines():

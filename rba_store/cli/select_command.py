@@ -17,7 +17,9 @@ from rba_store.cli.app import (
     StoreArg,
     app,
     check_folder,
+    check_output_file,
 )
+from rba_store.cli.progress import CandidateProgress, dask_progress, step_progress
 from rba_store.errors import Interrupted
 
 
@@ -25,6 +27,11 @@ class Maps(str, Enum):
     linear = "linear"
     identity = "identity"
     both = "both"
+
+
+class CandidatesBy(str, Enum):
+    statistics = "statistics"
+    modularity = "modularity"
 
 
 class RankBy(str, Enum):
@@ -43,6 +50,10 @@ def select(
     candidates: Annotated[
         int | None, typer.Option(help="Try only the best K spans by the statistics [all].")
     ] = None,
+    candidates_by: Annotated[
+        CandidatesBy,
+        typer.Option(help="Rank --candidates by the statistics or by the modularity curve."),
+    ] = CandidatesBy.statistics,
     maps: Annotated[Maps, typer.Option(help="What replaces a span.")] = Maps.linear,
     rank_by: Annotated[
         RankBy,
@@ -63,12 +74,13 @@ def select(
     batch_size: Annotated[int, typer.Option(help="Validation images per batch.")] = 256,
     as_json: JsonOpt = False,
 ) -> None:
-    """Greedy span selection by validation accuracy; test accuracy, size and speed of the path."""
+    """Greedy span selection on the validation split; test accuracy, size and speed of the path."""
     from rba_store.approx.select import SelectOptions, evaluate_path, select_spans, to_json
     from rba_store.approx.selection_io import write_selection, write_selection_plot
     from rba_store.store import Store, analysis_path
 
     check_folder(plots, "--plots")
+    check_output_file(out, "--out")
     analysis_path("fits", name)  # a valid name, before any work
     opened = Store.open(store)
     options = SelectOptions(
@@ -76,6 +88,7 @@ def select(
         max_blocks=max_blocks,
         max_span=max_span,
         candidates=candidates,
+        candidates_by=candidates_by.value,
         maps=maps.value,
         refit=refit,
         rank_by=rank_by.value,
@@ -84,8 +97,10 @@ def select(
         name=name,
     )
     try:
-        selection = select_spans(opened, options, checkpoint)
-        report = evaluate_path(opened, selection, checkpoint)
+        with dask_progress("select: statistics and fits"), CandidateProgress() as progress:
+            selection = select_spans(opened, options, checkpoint, progress)
+        test_progress = step_progress("select: test split", "model-batches")
+        report = evaluate_path(opened, selection, checkpoint, test_progress)
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted: no selection was written (maps fitted so far are kept as fits/a-b "

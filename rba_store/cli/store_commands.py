@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,7 +20,7 @@ from rba_store.cli.app import (
     mb,
 )
 from rba_store.cli.progress import ProgressBar
-from rba_store.errors import Interrupted
+from rba_store.errors import Interrupted, UsageError
 
 
 def _default_out(model: str | None, data: str, split: str | None) -> Path:
@@ -138,26 +138,15 @@ def extract(
         stats_holdout_seed=holdout_seed,
     )
     out = out or _default_out(model, data, split)
+    check_store_out(out)
     plan = plan_extraction(options)
+    if plan.random_weights:  # at the start, and again at the end of a long run
+        _warn_random_weights(plan)
     layout = plan.layout
     point = layout.points[0]
     shape = f"{layout.n_samples} x {point.n_tokens} tokens x {point.n_channels} channels"
     if dry_run:
-        sizes = plan.sizes()
-        typer.echo(
-            f"dry run: {plan.loaded.name} on {plan.description['data']['source']} -> {out}\n"
-            f"  arrays      h0..h{layout.n_blocks} of {shape}, {layout.dtype}, "
-            f"tokens={options.tokens}\n"
-            f"  layout      {layout.chunk_samples} samples/chunk, {layout.shard_samples} "
-            f"samples/shard, {layout.n_shards} shards, codec {layout.codec}\n"
-            f"  store size  {mb(sizes['store_bytes_raw'])} uncompressed (lossless codecs save "
-            "10-20% on float activations)\n"
-            f"  memory      {mb(sizes['batch_activation_bytes'])} per batch of "
-            f"{min(batch_size, layout.shard_samples)} (float32), "
-            f"{mb(sizes['shard_buffer_bytes'])} per shard buffer, "
-            f"about {mb(sizes['peak_bytes_estimate'])} in all\n"
-            "  nothing was written"
-        )
+        typer.echo(_dry_run(plan, out, shape))
         return
     done = shards_before = 0
     if Store.exists(out) and not overwrite:
@@ -176,6 +165,10 @@ def extract(
         raise Interrupted(
             f"interrupted: {kept}/{layout.n_shards} shards of {str(out)!r} are complete and "
             "kept; re-run the same command to resume"
+            if not no_activations
+            else f"interrupted: {str(out)!r} is incomplete ({kept}/{layout.n_shards} shards) and "
+            "not resumable (the statistics of --no-activations need every shard in one run); "
+            "re-run the command with --overwrite"
         ) from None
     from rba_store.store.info import store_info
 
@@ -199,18 +192,99 @@ def extract(
             f"extracted {result.samples_written} samples in {result.seconds:.1f} s "
             f"({rate:,.0f} img/s) into {out}{resumed}"
         )
-    if plan.random_weights:  # after the work: an error stays the only line on stderr
-        typer.echo(
-            f"rba-store: warning: {plan.loaded.name} has random weights (no --checkpoint or "
-            "--pretrained); they are kept in the store so that evaluate and apply rebuild them",
-            err=True,
-        )
+    if plan.random_weights:
+        _warn_random_weights(plan)
     ratio = info["compression_ratio"]
-    typer.echo(
-        f"{head}\n  h0..h{layout.n_blocks}: {shape}, {layout.dtype}; stored "
-        f"{mb(info['bytes_stored'])} of {mb(info['bytes_raw'])} raw"
-        + (f" (ratio {ratio:.3f})" if ratio else "")
+    stored = (
+        f"h0..h{layout.n_blocks}: {shape}, {layout.dtype}; stored "
+        if not no_activations
+        else f"no activations stored (--no-activations): statistics only, saved analyses "
+        f"{mb(info['bytes_analyses'])}; features, labels and ids: stored "
     )
+    lines = [
+        head,
+        f"  {stored}{mb(info['bytes_stored'])} of {mb(info['bytes_raw'])} raw"
+        + (f" (ratio {ratio:.3f})" if ratio else ""),
+    ]
+    skipped = plan.description["data"].get("skipped_unreadable") or []
+    if skipped:
+        shown = ", ".join(skipped[:_SKIPPED_SHOWN])
+        more = len(skipped) - _SKIPPED_SHOWN
+        lines.append(
+            f"  skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''}: "
+            + shown
+            + (
+                f" and {more} more (all in 'rba-store info --json': data.skipped_unreadable)"
+                if more > 0
+                else ""
+            )
+        )
+    typer.echo("\n".join(lines))
+
+
+_SKIPPED_SHOWN = 20
+
+
+def check_store_out(out: Path) -> None:
+    """Refuse, before any work, an --out that is neither a store nor absent nor an empty folder
+    (extract never deletes or writes into anything else, with or without --overwrite)."""
+    from rba_store.store import Store
+
+    if not out.exists() or Store.exists(out) or (out.is_dir() and not any(out.iterdir())):
+        return
+    what = "a file" if not out.is_dir() else "a folder that is not an rba-store store"
+    raise UsageError(
+        f"--out {str(out)!r} is {what}; choose a new path for the store (it is left "
+        "untouched, with or without --overwrite)"
+    )
+
+
+def _warn_random_weights(plan: Any) -> None:
+    typer.echo(
+        f"rba-store: warning: {plan.loaded.name} has random weights (no --checkpoint or "
+        "--pretrained); they are kept in the store so that evaluate and apply rebuild them",
+        err=True,
+    )
+
+
+def _dry_run(plan: Any, out: Path, shape: str) -> str:
+    """What ``extract --dry-run`` prints: what would be written, and the memory it takes."""
+    layout, options = plan.layout, plan.options
+    sizes = plan.sizes()
+    arrays = (
+        f"  arrays      h0..h{layout.n_blocks} of {shape}, {layout.dtype}, tokens={options.tokens}"
+        if options.store_activations
+        else f"  arrays      none of h0..h{layout.n_blocks} ({shape}): --no-activations keeps "
+        "only the statistics, features, labels and ids"
+    )
+    lines = [
+        f"dry run: {plan.loaded.name} on {plan.description['data']['source']} -> {out}",
+        arrays,
+        f"  layout      {layout.chunk_samples} samples/chunk, {layout.shard_samples} "
+        f"samples/shard, {layout.n_shards} shards, codec {layout.codec}",
+        f"  store size  {mb(sizes['store_bytes_raw'])} uncompressed"
+        + (
+            " (lossless codecs save 10-20% on float activations)"
+            if options.store_activations
+            else " (features, labels, ids)"
+        ),
+    ]
+    if "moments_bytes" in sizes:
+        p = sum(point.n_channels for point in layout.points)
+        sets = " x 2 (--holdout)" if options.stats_holdout else ""
+        lines.append(
+            f"  statistics  joint moments {p:,} x {p:,} float64{sets}: "
+            f"{mb(sizes['moments_bytes'])} saved in the store, about "
+            f"{mb(sizes['moments_peak_bytes'])} of memory while folding a shard"
+        )
+    lines += [
+        f"  memory      {mb(sizes['batch_activation_bytes'])} per batch of "
+        f"{min(options.batch_size, layout.shard_samples)} (float32), "
+        f"{mb(sizes['shard_buffer_bytes'])} per shard buffer, "
+        f"about {mb(sizes['peak_bytes_estimate'])} in all",
+        "  nothing was written",
+    ]
+    return "\n".join(lines)
 
 
 @app.command()

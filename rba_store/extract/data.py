@@ -7,6 +7,7 @@ data config (``timm.data.create_transform(..., is_training=False)``).
 
 from __future__ import annotations
 
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rba_store.errors import DataSourceError, NotFoundError, UnknownSplitError
+from rba_store.errors import DataSourceError, NotFoundError, UnknownSplitError, UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DIGITS_SEED = 0
@@ -65,7 +66,7 @@ class DataSource(ABC):
         if limit is None:
             return self
         if limit < 1:
-            raise DataSourceError(f"--limit {limit} is invalid; pass a positive number of samples")
+            raise UsageError(f"--limit {limit} is invalid; pass a positive number of samples")
         return _Limited(self, limit)
 
     @property
@@ -254,12 +255,28 @@ class NpzSource(DataSource):
     def __init__(self, path: Path, split: str | None = None) -> None:
         if not path.is_file():
             raise NotFoundError(f"data file {str(path)!r} does not exist; pass a .npz file")
+        if not zipfile.is_zipfile(path):  # numpy would suggest unpickling it: never do that
+            raise DataSourceError(
+                f"{str(path)!r} is not a .npz file (not a zip archive of .npy arrays); save the "
+                "inputs with numpy.savez(PATH, x=..., y=...)"
+            )
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as e:
+        except ValueError as e:
+            if "pickle" in str(e):  # numpy's advice is to unpickle, which is unsafe: never
+                raise DataSourceError(
+                    f"{str(path)!r} holds an array of Python objects, which rba-store does not "
+                    "load (it would mean unpickling); save numeric arrays x (and y) with "
+                    "numpy.savez"
+                ) from e
             raise DataSourceError(
-                f"cannot read {str(path)!r} as .npz ({e}); pass a .npz file"
+                f"cannot read {str(path)!r} as .npz ({e}); write it again with numpy.savez"
+            ) from e
+        except (OSError, zipfile.BadZipFile, EOFError) as e:
+            raise DataSourceError(
+                f"cannot read {str(path)!r} as .npz ({type(e).__name__}: {e}); write it again "
+                "with numpy.savez"
             ) from e
         x_key, y_key = ("x", "y") if split is None else (f"x_{split}", f"y_{split}")
         if x_key not in arrays:
@@ -338,7 +355,7 @@ def open_source(
                 "pass 'digits', an image folder or a .npz file"
             )
         else:
-            raise DataSourceError(
+            raise NotFoundError(
                 f"data source {spec!r} is neither a folder nor a .npz file; pass 'digits', "
                 "an image folder (one sub-folder per class) or a .npz file with an array 'x'"
             )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rba_store.errors import StoreError
+from rba_store.errors import StoreError, UsageError
 from rba_store.extract.plan import ExtractionPlan
 from rba_store.extract.streamed_stats import StreamedStats
 from rba_store.store import FEATURES, LABEL, SAMPLE_ID, Store, h_name
@@ -50,7 +50,7 @@ def _open_or_create(plan: ExtractionPlan, out: Path, overwrite: bool) -> tuple[S
             return store, True
         Store.remove(out)
     elif out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise StoreError(
+        raise UsageError(
             f"--out {str(out)!r} exists and is not an rba-store store; choose another path "
             "(it is left untouched, with or without --overwrite)"
         )

@@ -17,6 +17,7 @@ from rba_store.extract.data import DataSource, Preprocess, make_preprocess, open
 from rba_store.extract.models import LoadedModel, build_model
 from rba_store.store import (
     FORMAT_VERSION,
+    NOT_STORED,
     WEIGHTS_PATH,
     CapturePoint,
     StoreLayout,
@@ -82,14 +83,26 @@ class ExtractionPlan:
         per_sample = layout.sample_bytes() + feature_bytes
         f32_per_sample = sum(p.n_tokens * p.n_channels for p in layout.points) * 4
         batch = min(self.options.batch_size, layout.shard_samples)
-        return {
+        stored_per_sample = per_sample if self.options.store_activations else feature_bytes
+        sizes = {
             "n_samples": layout.n_samples,
-            "store_bytes_raw": per_sample * layout.n_samples,
+            "store_bytes_raw": stored_per_sample * layout.n_samples,
             "batch_activation_bytes": f32_per_sample * batch,
             "shard_buffer_bytes": per_sample * layout.shard_samples,
             # one batch in float32 + the shard being filled + the shard being written
             "peak_bytes_estimate": f32_per_sample * batch + 2 * per_sample * layout.shard_samples,
         }
+        if self.options.stats:
+            # The joint moments of [h0 | ... | hL]: a p x p float64 co-moment matrix per set of
+            # rows (two with --holdout); folding a shard holds its float64 rows, its partial, the
+            # accumulator and the merge's temporaries (about 4 matrices per set).
+            p = sum(point.n_channels for point in layout.points)
+            sets = 2 if self.options.stats_holdout else 1
+            rows = layout.shard_samples * layout.points[0].n_tokens
+            sizes["moments_bytes"] = sets * 8 * (p * p + p)
+            sizes["moments_peak_bytes"] = 4 * sizes["moments_bytes"] + 8 * rows * p
+            sizes["peak_bytes_estimate"] += sizes["moments_peak_bytes"]
+        return sizes
 
 
 def _library_versions() -> dict[str, str]:
@@ -202,7 +215,7 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
         if source.preprocessed
         else loaded.data_config,
         "tokens": options.tokens,
-        **({} if options.store_activations else {"activations": "not stored"}),
+        **({} if options.store_activations else {"activations": NOT_STORED}),
         "dtype": options.dtype,
         "codec": {"name": options.codec, "clevel": options.clevel},
         "layout": layout.to_attrs(),

@@ -105,18 +105,19 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
     check_spans(spans, layout, str(store))
     check_tokens(store, options.tokens)
     names = [fit_name(span, options, len(spans)) for span in spans]
+    # Every option's value is checked before a saved fit of the same name is compared with them.
+    eval_samples = _eval_samples(options, store, spans)
+    available = usable_samples(store, options.allow_incomplete)
+    fit_idx, held_idx = split_holdout(
+        options.selection.indices(available, store), options.holdout, options.holdout_seed
+    )
     reused = {} if options.overwrite else _reusable(store, spans, names, options)
     order = list(spans)
     spans = [s for s in spans if s not in reused]
     names = [n for s, n in zip(order, names, strict=True) if s not in reused]
     if not spans:
         return [reused[s] for s in order]
-    eval_samples = _eval_samples(options, store, spans)
 
-    available = usable_samples(store, options.allow_incomplete)
-    fit_idx, held_idx = split_holdout(
-        options.selection.indices(available, store), options.holdout, options.holdout_seed
-    )
     cls_only = options.tokens == "cls"
     _check_rows(
         len(fit_idx) * (1 if cls_only else layout.points[0].n_tokens), spans, layout, options

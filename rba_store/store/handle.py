@@ -28,6 +28,7 @@ from rba_store.store.layout import (
     FORMAT_VERSION,
     LABEL,
     LEDGER_PATH,
+    NOT_STORED,
     SAMPLE_DIM,
     SAMPLE_ID,
     SAMPLE_ID_DIMS,
@@ -101,12 +102,17 @@ class Store:
 
     @classmethod
     def create(cls, path: str | Path, description: Mapping[str, Any], layout: StoreLayout) -> Store:
-        """Create a store with every array preallocated and an empty ledger."""
+        """Create a store with every array preallocated and an empty ledger.
+
+        A store described as holding no activations (``extract --no-activations``) gets no
+        ``h`` arrays at all: an array that exists reads as data (its fill value) to any reader.
+        """
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
         comp = compressors(layout.codec, layout.clevel)
         h_dims, feature_dims = dims_of(layout)
         n, chunk, shard = layout.n_samples, layout.chunk_samples, layout.shard_samples
-        for k, point in enumerate(layout.points):
+        points = layout.points if description.get("activations") != NOT_STORED else ()
+        for k, point in enumerate(points):
             shape = (n, point.n_tokens, point.n_channels)
             group.create_array(
                 h_name(k),
@@ -230,22 +236,32 @@ class Store:
 
     def point(self, k: int) -> zarr.Array:
         """``h_k``: the residual stream after ``k`` blocks."""
+        self._require_activations()
         return self.array(h_name(k))
+
+    @property
+    def activation_names(self) -> list[str]:
+        """The ``h`` arrays the store holds: none for a ``--no-activations`` store (an older
+        store of that kind has them, unwritten, reading as zeros: they are not listed)."""
+        return [h_name(k) for k in range(len(self.layout.points))] if self.holds_activations else []
 
     @property
     def holds_activations(self) -> bool:
         """False for a store extracted with ``--no-activations`` (statistics only)."""
-        return self.description.get("activations") != "not stored"
+        return self.description.get("activations") != NOT_STORED
 
     def read_points(self, points: Sequence[int], start: int, stop: int) -> list[np.ndarray]:
         """``h_k[start:stop]`` for every k in ``points``."""
+        self._require_activations()
+        return [self.point(k)[start:stop] for k in points]
+
+    def _require_activations(self) -> None:
         if not self.holds_activations:
             raise UsageError(
                 f"{str(self.path)!r} holds no activations (extracted with --no-activations): "
                 "only what its saved statistics answer (stats, and fit/select/evaluate --auto "
                 "of all its rows, from the joint moments) works on it"
             )
-        return [self.point(k)[start:stop] for k in points]
 
     def sample_ids(self, start: int = 0, stop: int | None = None) -> list[str]:
         """The ids of samples ``[start, stop)`` as strings, from either encoding of ``sample_id``.

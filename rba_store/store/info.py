@@ -7,7 +7,7 @@ from typing import Any
 
 from rba_store.store.analyses import FITS, STATS
 from rba_store.store.handle import Store
-from rba_store.store.layout import FEATURES, LABEL, SAMPLE_ID, h_name
+from rba_store.store.layout import FEATURES, LABEL, SAMPLE_ID
 
 
 def store_info(store: Store | str | Path) -> dict[str, Any]:
@@ -16,7 +16,7 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
     description, layout = store.description, store.layout
     arrays: dict[str, dict[str, Any]] = {}
     stored_total = raw_total = 0
-    names = [h_name(k) for k in range(len(layout.points))]
+    names = store.activation_names
     for name in [*names, FEATURES, LABEL, SAMPLE_ID]:
         array = store.array(name)
         stored = int(array.nbytes_stored())
@@ -29,7 +29,7 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
             "shards": list(array.shards) if array.shards else None,
             "bytes_stored": stored,
         }
-        if (name in names and store.holds_activations) or name == FEATURES:
+        if name in names or name == FEATURES:
             stored_total += stored
             raw_total += raw
     complete = store.completed_shards()
@@ -64,8 +64,16 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
         "versions": description["versions"],
         "run": description.get("run", {}),
         "analyses": {kind: store.list_analyses(kind) for kind in (STATS, FITS)},
+        "bytes_analyses": _bytes_below(store.root, (STATS, FITS)),
         "activations": store.holds_activations,
     }
+
+
+def _bytes_below(root: Path, folders: tuple[str, ...]) -> int:
+    """Bytes on disk of the files below ``root/<folder>`` (the saved analyses)."""
+    return sum(
+        f.stat().st_size for name in folders for f in (root / name).rglob("*") if f.is_file()
+    )
 
 
 def _mb(n: int) -> str:
@@ -76,7 +84,7 @@ def format_info(info: dict[str, Any]) -> str:
     """The human-readable form of :func:`store_info`."""
     model, data = info["model"], info["data"]
     weights = model["weights"]
-    h0 = info["arrays"]["h0"]
+    h0 = info["arrays"].get("h0")
     ratio = info["compression_ratio"]
     lines = [
         f"store      {info['path']} (format v{info['format_version']}, "
@@ -88,17 +96,29 @@ def format_info(info: dict[str, Any]) -> str:
         + (f" split={data['split']}" if data.get("split") else "")
         + f" samples={info['n_samples']}"
         + (f" (limit {data['limit']})" if data.get("limit") else ""),
-        f"arrays     h0..h{info['n_blocks']} {tuple(h0['shape'])} {h0['dims']} {info['dtype']}, "
-        f"tokens={info['tokens']}; features {tuple(info['arrays']['features']['shape'])}",
+        (
+            f"arrays     h0..h{info['n_blocks']} {tuple(h0['shape'])} {h0['dims']} "
+            f"{info['dtype']}, tokens={info['tokens']}; "
+            if h0
+            else f"arrays     NO activations (extracted with --no-activations: h0..h"
+            f"{info['n_blocks']} were never stored; statistics only); "
+        )
+        + f"features {tuple(info['arrays']['features']['shape'])}",
         f"chunks     {info['chunk_samples']} samples/chunk, {info['shard_samples']} samples/shard, "
         f"codec {info['codec']['name']} (level {info['codec']['clevel']})",
         f"size       {_mb(info['bytes_stored'])} stored, {_mb(info['bytes_raw'])} raw"
-        + (f", ratio {ratio:.3f}" if ratio else ""),
+        + (f", ratio {ratio:.3f}" if ratio else "")
+        + f"; saved analyses {_mb(info['bytes_analyses'])}",
         f"complete   {'yes' if info['complete'] else 'NO'}: {info['shards_complete']}/"
         f"{info['n_shards']} shards, {info['samples_complete']}/{info['n_samples']} samples",
     ]
     if not info["complete"]:
-        lines.append("           re-run the same 'rba-store extract' command to finish it")
+        lines.append(
+            "           re-run the same 'rba-store extract' command to finish it"
+            if info["activations"]
+            else "           not resumable (the statistics of a --no-activations extraction "
+            "need every shard in one run): re-run 'rba-store extract' with --overwrite"
+        )
     for kind, names in info["analyses"].items():
         shown = ", ".join(names) if names else "none"
         lines.append(f"{kind:<10} {shown}")

@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 ATTRS_KEY = "rba_store"
 LEDGER_PATH = "ledger/shards"
 CLAIMS_GROUP = "claims"
+NOT_STORED = "not stored"  # description["activations"] of a --no-activations store
 FEATURES, LABEL, SAMPLE_ID = "features", "label", "sample_id"
 # Weights that come from no file (random initialisation) are kept in the store: the bytes of a
 # safetensors file as a uint8 array, so that every later command rebuilds the very same model.
