@@ -26,6 +26,8 @@ TITLES = {
     "extract": "Extraction",
     "stats": "Statistics",
     "moments": "Joint moments during extraction",
+    "modularity": "Modularity curves",
+    "probe": "Diffused-redundancy probes",
     "gpu": "GPU",
 }
 ORDER = ("summary", *BENCHMARKS)

@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-BENCHMARKS = ("solver", "scaling", "out_of_core", "extract", "stats", "moments", "gpu")
+BENCHMARKS = (
+    "solver",
+    "scaling",
+    "out_of_core",
+    "extract",
+    "stats",
+    "moments",
+    "modularity",
+    "probe",
+    "gpu",
+)
 SIZES = ("smoke", "quick", "full")
 Size = Literal["smoke", "quick", "full"]
 T = TypeVar("T")

@@ -176,3 +176,15 @@ def test_modularity_spans_prefilter_for_select(store4: Path, tmp_path: Path) -> 
     )
     gains = {(a, b): g for g, a, b in curve.span_gains(2)}
     assert [gains[s] for s in spans] == sorted(gains.values())[:3]
+
+
+def test_select_candidates_by_modularity(store4: Path, tmp_path: Path) -> None:
+    from rba_store.approx.select import SelectOptions, candidate_spans
+    from rba_store.errors import UsageError
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(store4, store)
+    options = SelectOptions(candidates=2, candidates_by="modularity", max_span=3)
+    assert candidate_spans(Store.open(store), options) == modularity_spans(store, 2, 3)
+    with pytest.raises(UsageError, match="--candidates-by modularity ranks --candidates K"):
+        SelectOptions(candidates_by="modularity").check(3)

@@ -10,15 +10,14 @@ direction is one undirected edge weighted by its cosine. Newman's weighted modul
 (m: total edge weight, L_c: weight inside class c, d_c: weighted degree of class c), rises with
 depth as the classes separate; where the curve plateaus or drops, blocks add little.
 
-As Dask tasks: one task per shard reads every point once and keeps one unit vector per sample
-and point (n x c, float64: far smaller than the stored tokens); the exact k-NN of each point runs
+As Dask tasks: one task per shard and point reads it once and keeps one unit vector per sample
+(n x c, float64: far smaller than the stored tokens); the exact k-NN of each point runs
 in blocks of rows (:mod:`rba_store.readings.knn`, on CuPy where the solver's backend runs); Q is
 computed from the (n x k) edge list in NumPy. Saved as ``modularity/<name>`` and reused.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,9 +222,10 @@ class ModularityCurve:
 # -- the Dask graph -----------------------------------------------------------------------------
 
 
-def _shard_vectors(local: np.ndarray, tokens: str, *chunks: np.ndarray) -> list[np.ndarray]:
-    """Unit vectors of the selected samples of one shard, for every point read."""
-    return [unit_rows(represent(chunk[local], tokens)) for chunk in chunks]
+def _shard_vectors(local: np.ndarray, tokens: str, after: Any, chunk: np.ndarray) -> np.ndarray:
+    """Unit vectors of the selected samples of one shard of one point (``after``: the task it
+    waits for, unused)."""
+    return unit_rows(represent(chunk[local], tokens))
 
 
 def _stack(*parts: np.ndarray) -> np.ndarray:
@@ -264,28 +264,33 @@ def knn_graph(
     """Lazy ``(indices, similarities, constant)`` of every point's exact k-NN over the samples
     ``indices`` (neighbours given as positions in ``indices``), and the number of tasks.
 
-    One task per shard reads every point once; one task per point stacks its unit vectors;
-    one task per block of ``block_rows`` rows finds their neighbours among all rows.
+    Per point: one task per shard reads that point's shard (each shard of each ``h_k`` is read
+    once, as when all points are read together), one task stacks its unit vectors, one task per
+    block of ``block_rows`` rows finds their neighbours among all rows. The points go one after
+    the other (a point's reads wait for the previous point's neighbours), so memory holds one
+    point's vectors and neighbours at a time, whatever the number of points; the shards and the
+    blocks of a point run in parallel.
     """
     read = dask.delayed(on_shard, pure=True)
-    shards = [
-        read(_shard_vectors, store, points, start, stop, local, tokens)
-        for local, start, stop in shard_ranges(store.layout, indices)
-    ]
-    pick = dask.delayed(operator.getitem, pure=True)
+    ranges = shard_ranges(store.layout, indices)
     stack = dask.delayed(_stack, pure=True)
     neighbours = dask.delayed(knn_block, pure=True)
     join = dask.delayed(_join, pure=True)
     n = len(indices)
-    per_point = []
-    for i in range(len(points)):
-        vectors = stack(*[pick(s, i) for s in shards])
+    per_point: list[Any] = []
+    for point in points:
+        after = per_point[-1] if per_point else None
+        parts = [
+            read(_shard_vectors, store, [point], start, stop, local, tokens, after)
+            for local, start, stop in ranges
+        ]
+        vectors = stack(*parts)
         blocks = [
             neighbours(vectors, start, min(start + block_rows, n), k, backend, block_rows)
             for start in range(0, n, block_rows)
         ]
         per_point.append(join(vectors, *blocks))
-    return per_point, len(shards) + len(points) * (2 + -(-n // block_rows))
+    return per_point, len(points) * (len(ranges) + 2 + -(-n // block_rows))
 
 
 def modularity_graph(
