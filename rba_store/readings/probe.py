@@ -16,40 +16,75 @@ The **critical mass** of a point is the smallest fraction of the grid from which
 random channels (mean over seeds) stays within ``delta`` points of the probe on all channels.
 Saved as ``probe/<name>`` (the moments with the curves) and reused: another grid re-uses the
 saved moments and reads only the evaluation rows.
+
+The reading of the rows is :mod:`rba_store.readings.probe_rows`, the ridge solves from the
+moments :mod:`rba_store.readings.probe_fit`; this module holds the grid, the result, saving and
+reuse, and :func:`run_probe`.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 import xarray as xr
 
-from rba_store.dask_compute import compute, tree_reduce
-from rba_store.errors import DataSourceError, UsageError
+from rba_store.errors import UsageError
 from rba_store.readings.common import (
     check_reading_tokens,
     labelled_rows,
     parse_points,
     point_label,
     points_suffix,
-    represent,
     selection_suffix,
 )
+from rba_store.readings.probe_fit import (
+    KINDS,
+    PointSystem,
+    channels_for,
+    critical_mass,
+    probe_grid,
+    probe_weights,
+)
+from rba_store.readings.probe_rows import (
+    EvalRows,
+    eval_identity,
+    eval_store_rows,
+    stored_vectors,
+    train_moments,
+    validation_rows,
+)
 from rba_store.solve._backend import get_xp
-from rba_store.solve.normal_eq import NormalEquations, solve
 from rba_store.stats.moments import Moments
-from rba_store.store import LABEL, SampleSelection, Store, normalize
-from rba_store.store.reading import on_shard, shard_ranges
-from rba_store.store.selection import usable_samples
+from rba_store.store import SampleSelection, Store, normalize
+
+__all__ = [
+    "DELTA",
+    "FRACTIONS",
+    "KINDS",
+    "PROBE",
+    "RIDGE",
+    "SEEDS",
+    "EvalRows",
+    "PointSystem",
+    "ProbeResult",
+    "channels_for",
+    "check_grid",
+    "critical_mass",
+    "eval_store_rows",
+    "parse_fractions",
+    "probe_grid",
+    "probe_weights",
+    "run_probe",
+    "stored_vectors",
+    "train_moments",
+    "validation_rows",
+]
 
 PROBE = "probe"  # the analysis kind: probe/<name>
-KINDS = ("random", "pca_top", "pca_bottom", "projection")
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # a 1-2-5 log grid from 1 % to 100 %
 SEEDS = 3
 RIDGE = 1e-3  # λ relative to trace(Sxx)/m, as evaluate's linear probe (PROBE_RIDGE)
@@ -91,298 +126,6 @@ def check_grid(seeds: int, ridge: float, delta: float) -> None:
         raise UsageError(f"--ridge {ridge} is invalid; pass a number >= 0 (e.g. {RIDGE:g})")
     if not (math.isfinite(delta) and 0 <= delta <= 100):
         raise UsageError(f"--delta {delta} is out of range; pass 0..100 points")
-
-
-def channels_for(fraction: float, width: int) -> int:
-    """Channels kept at a fraction of a point's width (at least one)."""
-    return max(1, min(width, round(fraction * width)))
-
-
-# -- the one pass: moments of [x | one-hot y] -------------------------------------------------
-
-
-def _shard_moments(
-    local: np.ndarray, onehot: np.ndarray, tokens: str, backend: str, *chunks: np.ndarray
-) -> list[Moments]:
-    xp = get_xp(backend)
-    return [
-        Moments.from_rows(np.hstack([represent(c[local], tokens), onehot]), xp, overwrite=True)
-        for c in chunks
-    ]
-
-
-def _merge_all(a: list[Moments], b: list[Moments]) -> list[Moments]:
-    return [x.merge(y) for x, y in zip(a, b, strict=True)]
-
-
-def _shard_vectors(local: np.ndarray, tokens: str, *chunks: np.ndarray) -> list[np.ndarray]:
-    return [represent(c[local], tokens) for c in chunks]
-
-
-def _stack(*parts: np.ndarray) -> np.ndarray:
-    return np.concatenate(parts)
-
-
-def train_moments(
-    store: Store,
-    indices: np.ndarray,
-    labels: np.ndarray,
-    n_classes: int,
-    points: list[int],
-    tokens: str,
-    backend: str = "numpy",
-    scheduler: str | None = None,
-    scheduler_file: str | None = None,
-) -> list[Moments]:
-    """The moments of ``[x_k | one-hot]`` for every point: each shard of the store read once."""
-    onehot = np.eye(n_classes)[labels]
-    task = dask.delayed(on_shard, pure=True)
-    parts = [
-        task(
-            _shard_moments,
-            store,
-            points,
-            start,
-            stop,
-            local,
-            onehot[np.searchsorted(indices, local + start)],
-            tokens,
-            backend,
-        )
-        for local, start, stop in shard_ranges(store.layout, indices)
-    ]
-    return compute(tree_reduce(parts, _merge_all), scheduler, scheduler_file, len(parts))
-
-
-def stored_vectors(
-    store: Store,
-    indices: np.ndarray,
-    points: list[int],
-    tokens: str,
-    scheduler: str | None = None,
-    scheduler_file: str | None = None,
-) -> list[np.ndarray]:
-    """One vector per sample and point (float64), each shard read once."""
-    task = dask.delayed(on_shard, pure=True)
-    parts = [
-        task(_shard_vectors, store, points, start, stop, local, tokens)
-        for local, start, stop in shard_ranges(store.layout, indices)
-    ]
-    pick = dask.delayed(operator.getitem, pure=True)
-    stack = dask.delayed(_stack, pure=True)
-    graph = dask.delayed(list, pure=True)(
-        [stack(*[pick(p, i) for p in parts]) for i in range(len(points))]
-    )
-    return compute(graph, scheduler, scheduler_file, len(parts))
-
-
-# -- evaluation rows ------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalRows:
-    """Representations (per point) and labels of the rows probes are scored on."""
-
-    vectors: list[np.ndarray]  # per point, (n_eval, d)
-    labels: np.ndarray
-    source: dict[str, Any]  # what they are: {"kind": "val", ...} or {"kind": "eval_store", ...}
-
-
-def eval_store_rows(
-    store: Store,
-    eval_path: str | Path,
-    points: list[int],
-    tokens: str,
-    scheduler: str | None = None,
-    scheduler_file: str | None = None,
-) -> EvalRows:
-    """The labelled samples of ``--eval-store`` (a store of the same model), read once."""
-    other = Store.open(eval_path)
-    if other.description["model"]["weights"] != store.description["model"]["weights"]:
-        raise UsageError(
-            f"--eval-store {str(eval_path)!r} was extracted from other model weights than "
-            f"{str(store)!r}; pass a store of the same model"
-        )
-    if [p.n_channels for p in other.layout.points] != [p.n_channels for p in store.layout.points]:
-        raise UsageError(
-            f"--eval-store {str(eval_path)!r} has other capture points than {str(store)!r}; "
-            "pass a store of the same model"
-        )
-    check_reading_tokens(other, tokens)
-    indices = usable_samples(other, False)
-    labels = np.asarray(other.array(LABEL)[:], dtype=np.int64)[indices]
-    known = labels >= 0
-    if not known.any():
-        raise DataSourceError(
-            f"--eval-store {str(eval_path)!r} has no labels (every label is -1); the probes "
-            "are scored on labelled samples: pass a labelled store"
-        )
-    vectors = stored_vectors(other, indices[known], points, tokens, scheduler, scheduler_file)
-    source = {"kind": "eval_store", "store": str(eval_path), "fingerprint": other.fingerprint}
-    return EvalRows(vectors, labels[known], source)
-
-
-def validation_rows(
-    store: Store,
-    points: list[int],
-    tokens: str,
-    checkpoint: str | Path | None = None,
-    batch_size: int = 256,
-) -> EvalRows:
-    """The data's validation split run through the store's model (as ``select`` scores), its
-    residual stream captured at every point as the extractor stores it (the store's dtype)."""
-    import torch
-
-    from rba_store.approx.rebuild import held_out_source, rebuild_model
-    from rba_store.extract.capture import ActivationCapture
-    from rba_store.extract.data import make_preprocess
-
-    description = store.description
-    try:
-        source = held_out_source(description["data"], "val")
-    except DataSourceError as e:
-        raise DataSourceError(f"{e}; or pass --eval-store STORE") from e
-    labels = np.asarray(source.labels, dtype=np.int64)
-    known = labels >= 0
-    if not known.any():
-        raise DataSourceError(
-            "the validation split has no labels; the probes are scored on labelled samples: "
-            "pass --eval-store with a labelled store"
-        )
-    loaded = rebuild_model(description["model"], checkpoint, store)
-    capture = ActivationCapture(loaded, "cls" if tokens == "cls" else "all")
-    preprocess = make_preprocess(loaded.data_config)
-    dtype = np.dtype(store.layout.dtype)
-    parts: list[list[np.ndarray]] = [[] for _ in points]
-    with torch.inference_mode():
-        for start in range(0, len(source), batch_size):
-            x = source.load(start, min(start + batch_size, len(source)), preprocess)
-            captured = capture(x)
-            for i, k in enumerate(points):
-                parts[i].append(represent(captured.points[k].numpy().astype(dtype), tokens))
-    vectors = [np.concatenate(p)[known] for p in parts]
-    return EvalRows(vectors, labels[known], _eval_identity(store, None))
-
-
-# -- probes from the moments -------------------------------------------------------------------
-
-
-@dataclass
-class PointSystem:
-    """The centred moments of one point's ``[x | one-hot y]`` split into their blocks."""
-
-    n: int
-    mean_x: np.ndarray  # (d,)
-    mean_y: np.ndarray  # (c,)
-    sxx: np.ndarray  # (d, d)
-    sxy: np.ndarray  # (d, c)
-    syy: np.ndarray  # (c,)
-
-    @classmethod
-    def from_moments(cls, moments: Moments, width: int) -> PointSystem:
-        d, m2 = width, moments.m2
-        return cls(
-            moments.n,
-            moments.mean[:d],
-            moments.mean[d:],
-            m2[:d, :d],
-            m2[:d, d:],
-            np.diag(m2[d:, d:]).copy(),
-        )
-
-    def columns(self, keep: np.ndarray) -> NormalEquations:
-        """The normal equations of the probe on channels ``keep`` (a sub-block)."""
-        return NormalEquations(
-            self.n,
-            self.mean_x[keep],
-            self.mean_y,
-            self.sxx[np.ix_(keep, keep)],
-            self.sxy[keep],
-            self.syy,
-        )
-
-    def projected(self, r_dm: np.ndarray) -> NormalEquations:
-        """The normal equations of the probe on ``x R`` (RᵀSR)."""
-        return NormalEquations(
-            self.n,
-            self.mean_x @ r_dm,
-            self.mean_y,
-            r_dm.T @ self.sxx @ r_dm,
-            r_dm.T @ self.sxy,
-            self.syy,
-        )
-
-    def cka_of(self, r_dm: np.ndarray) -> float:
-        """Linear CKA between ``x R`` and ``x`` on the training rows, from the moments."""
-        cross = r_dm.T @ self.sxx
-        own = cross @ r_dm
-        denominator = float(np.linalg.norm(own) * np.linalg.norm(self.sxx))
-        return float(np.sum(cross * cross)) / denominator if denominator > 0 else float("nan")
-
-    def pca(self) -> np.ndarray:
-        """Principal directions of the training rows, largest variance first."""
-        eigvals, eigvecs = np.linalg.eigh(self.sxx)
-        return eigvecs[:, np.argsort(eigvals)[::-1]]
-
-
-def probe_weights(ne: NormalEquations, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """The affine ridge probe (W, b) from normal equations: the project's float64 solver."""
-    solution = solve(ne, bias=True, ridge=ridge)
-    return solution.t, solution.bias
-
-
-def _accuracy(x: np.ndarray, w: np.ndarray, b: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.argmax(x @ w + b, axis=1) == labels))
-
-
-def probe_grid(
-    system: PointSystem,
-    x_eval: np.ndarray,
-    labels: np.ndarray,
-    fractions: tuple[float, ...],
-    seeds: int,
-    ridge: float,
-    point: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """``(accuracy, cka, channels, full_accuracy)`` of one point: accuracy and CKA are
-    (kinds, fractions, seeds); principal components do not depend on the seed (repeated)."""
-    d = len(system.mean_x)
-    shape = (len(KINDS), len(fractions), seeds)
-    accuracy, cka = np.full(shape, np.nan), np.full(shape, np.nan)
-    channels = np.array([channels_for(f, d) for f in fractions])
-    every = np.arange(d)
-    full = _accuracy(x_eval, *probe_weights(system.columns(every), ridge), labels)
-    directions = system.pca()
-    for j, m in enumerate(channels):
-        for kind_idx, r in ((1, directions[:, :m]), (2, directions[:, d - m :])):
-            w, b = probe_weights(system.projected(r), ridge)
-            accuracy[kind_idx, j, :] = _accuracy(x_eval @ r, w, b, labels)
-            cka[kind_idx, j, :] = system.cka_of(r)
-        for s in range(seeds):
-            rng = np.random.default_rng((s, point, int(m)))
-            keep = np.sort(rng.choice(d, size=int(m), replace=False))
-            w, b = probe_weights(system.columns(keep), ridge)
-            accuracy[0, j, s] = _accuracy(x_eval[:, keep], w, b, labels)
-            cka[0, j, s] = system.cka_of(np.eye(d)[:, keep])
-            r = rng.standard_normal((d, int(m))) / math.sqrt(m)
-            w, b = probe_weights(system.projected(r), ridge)
-            accuracy[3, j, s] = _accuracy(x_eval @ r, w, b, labels)
-            cka[3, j, s] = system.cka_of(r)
-    return accuracy, cka, channels, full
-
-
-def critical_mass(
-    mean_accuracy: np.ndarray, full: float, fractions: tuple[float, ...], delta: float
-) -> float:
-    """The smallest fraction from which on every larger one of the grid is within ``delta``
-    points of ``full`` (NaN when even the largest is not)."""
-    within = mean_accuracy >= full - delta / 100 - 1e-12
-    found = float("nan")
-    for j in range(len(fractions) - 1, -1, -1):
-        if not within[j]:
-            break
-        found = fractions[j]
-    return found
 
 
 def _percent(fraction: float) -> str:
@@ -587,15 +330,6 @@ def grid_attrs(
     return {"fractions": list(fractions), "seeds": seeds, "ridge": ridge, "eval": eval_source}
 
 
-def _eval_identity(store: Store, eval_store: str | Path | None) -> dict[str, Any]:
-    """What the evaluation rows will be, without reading them (to decide about reuse)."""
-    if eval_store is None:
-        weights = store.description["model"]["weights"]
-        return normalize({"kind": "val", "split": "val", "model_weights": weights})
-    other = Store.open(eval_store)
-    return {"kind": "eval_store", "store": str(eval_store), "fingerprint": other.fingerprint}
-
-
 def run_probe(
     store: Store | str | Path,
     *,
@@ -633,7 +367,7 @@ def run_probe(
     wanted = moment_attrs(store, tokens, selection, chosen, allow_incomplete)
     widths = [store.layout.points[p].n_channels for p in chosen]
     saved = store.read_analysis(PROBE, name) if not overwrite else None
-    eval_source = _eval_identity(store, eval_store)
+    eval_source = eval_identity(store, eval_store)
     moments: list[Moments] | None = None
     how = "computed"
     if saved is not None:
