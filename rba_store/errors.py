@@ -56,6 +56,11 @@ class NonFiniteError(RBAStoreError, ValueError):
     """Stored activations hold NaN or Inf."""
 
 
+class MemoryBudgetError(RBAStoreError, MemoryError):
+    """A configuration needs more memory than the machine has; the message gives the figure and
+    the alternatives (exit code 1: the command line is valid, the machine is too small)."""
+
+
 class UnknownModelError(ModelError, UsageError):
     """A model name that timm does not know."""
 

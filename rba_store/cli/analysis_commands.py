@@ -11,6 +11,7 @@ import typer
 from rba_store.cli.app import (
     AllowIncompleteOpt,
     Backend,
+    CkaPairs,
     Gemm,
     HoldoutOpt,
     JsonOpt,
@@ -59,11 +60,30 @@ def stats(
     backend: Annotated[
         Backend, typer.Option(help="Where the co-moment product runs; auto: CuPy with a GPU.")
     ] = Backend.auto,
-    max_span: Annotated[int, typer.Option(help="Longest span (blocks) to rank.")] = 4,
+    max_span: Annotated[
+        int,
+        typer.Option(
+            help="Longest span (blocks) to rank; the joint moments of spans up to it are kept "
+            "(the band: what fit and select use)."
+        ),
+    ] = 4,
+    cka_pairs: Annotated[
+        CkaPairs,
+        typer.Option(
+            help="Pairs of points with CKA. band: those within --max-span (memory O(L·S·D²)); "
+            "all: every pair, in one pass when all joint moments fit in memory, else with "
+            "further passes over the store; auto: all when one partial of all joint moments is "
+            "at most 1 GiB (ViT-B at 224 px and smaller), else band."
+        ),
+    ] = CkaPairs.auto,
+    dry_run: Annotated[
+        bool,
+        typer.Option(help="Print what the pass will keep and take in memory; compute nothing."),
+    ] = False,
     top: Annotated[int, typer.Option(help="Number of candidate spans to show.")] = 10,
 ) -> None:
     """Block Redundancy, relative change, cosine and CKA of every block; candidate spans."""
-    from rba_store.stats import SampleSelection, run_stats
+    from rba_store.stats import SampleSelection, prepare_stats, run_stats
     from rba_store.store import Store
 
     if max_span < 1 or top < 1:
@@ -71,21 +91,45 @@ def stats(
     check_folder(plots, "--plots")
     opened = Store.open(store)
     chosen_tokens = tokens.value if tokens else opened.description["tokens"]
+    selection = SampleSelection(limit=limit, sample=sample, seed=seed)
+    # Reuse or plan (refusing, in one line, what does not fit in memory) before any work.
+    prepared = prepare_stats(
+        opened,
+        name=name,
+        tokens=chosen_tokens,
+        selection=selection,
+        allow_incomplete=allow_incomplete,
+        overwrite=overwrite,
+        cka=cka,
+        holdout=holdout,
+        holdout_seed=seed,
+        max_span=max_span,
+        cka_pairs=cka_pairs.value,
+    )
+    if dry_run:
+        if prepared.plan is None:
+            typer.echo(
+                f"{store}: stats/{prepared.name} is saved and would be reused: nothing to do"
+            )
+        else:
+            typer.echo(
+                f"{store}: stats/{prepared.name} would be computed from {prepared.plan.describe()}"
+            )
+        return
     try:
         with dask_progress("stats"):
             result, reused = run_stats(
                 opened,
-                name=name,
                 tokens=chosen_tokens,
-                selection=SampleSelection(limit=limit, sample=sample, seed=seed),
+                selection=selection,
                 allow_incomplete=allow_incomplete,
                 scheduler=scheduler,
                 scheduler_file=str(scheduler_file) if scheduler_file else None,
-                overwrite=overwrite,
                 cka=cka,
                 backend=backend.value,
                 holdout=holdout,
                 holdout_seed=seed,
+                prepared=prepared,
             )
     except KeyboardInterrupt:
         raise Interrupted(

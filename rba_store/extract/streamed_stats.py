@@ -4,9 +4,11 @@ Each shard's float64 partials are computed from the shard buffer just before it 
 the very values the store holds — and folded into one accumulator; shards completed by an
 earlier run (or another worker) are read back from the store. When the store is complete the
 result is saved as the default statistics, exactly what ``rba-store stats`` would save (and
-then reuses), joint moments included: BR, CKA and the map of every span from the one forward
-pass. With ``--no-activations`` the ``h`` arrays are never written, so a data set too large to
-store still yields all of that; such a run cannot resume (its earlier shards are gone).
+then reuses), joint moments included (of every pair of points, or of the band of spans up to
+4 blocks for wide, deep models, as ``stats`` chooses by default): BR, CKA and the map of every
+span from the one forward pass. With ``--no-activations`` the ``h`` arrays are never written,
+so a data set too large to store still yields all of that; such a run cannot resume (its
+earlier shards are gone).
 With ``--holdout`` the joint moments of the held-out samples are kept apart, exactly as
 ``rba-store stats --holdout`` keeps them, for ``fit --holdout`` to report held-out error.
 """
@@ -16,12 +18,40 @@ from __future__ import annotations
 import numpy as np
 
 from rba_store.errors import StoreError
-from rba_store.stats import default_name
+from rba_store.stats import default_name, memory
 from rba_store.stats.moments import BlockPartials, split_chunk_partials
 from rba_store.stats.reduce import stats_attrs
 from rba_store.stats.result import BlockStats
-from rba_store.store import STATS, SampleSelection, Store, h_name
+from rba_store.store import STATS, SampleSelection, Store, StoreLayout, h_name
+from rba_store.store.layout import decode_values
 from rba_store.store.selection import split_holdout
+
+DEFAULT_MAX_SPAN = 4  # as ``rba-store stats``
+
+
+def streamed_band(layout: StoreLayout, holdout: bool = False) -> int | None:
+    """The pairs whose joint moments ``extract --stats`` keeps, as ``stats`` chooses them by
+    default (every pair when one partial is at most 1 GiB, else spans of up to 4 blocks); a
+    configuration that does not fit in memory is refused here, in one line, before any work."""
+    widths = [p.n_channels for p in layout.points]
+    itemsize = 2 if layout.dtype in ("float16", "bfloat16") else 4
+    t = layout.points[0].n_tokens
+
+    def cost(band: int | None) -> memory.StatsMemory:
+        return memory.stats_memory(
+            widths, t, layout.shard_samples, itemsize, band, holdout=holdout, workers=1
+        )
+
+    band = None if cost(None).partial <= memory.FULL_AUTO_LIMIT else DEFAULT_MAX_SPAN
+    if band is not None and band >= len(widths) - 1:
+        band = None
+    memory.check_fits(
+        cost(band).peak,
+        f"extract --stats (joint moments: {cost(band).describe()})",
+        "extract without --stats and run 'rba-store stats' with a smaller --max-span or "
+        "--no-cka afterwards",
+    )
+    return band
 
 
 class StreamedStats:
@@ -32,17 +62,25 @@ class StreamedStats:
         self.n_points = len(self.layout.points)
         self.holdout, self.holdout_seed = holdout, holdout_seed
         self.held = split_holdout(np.arange(self.layout.n_samples), holdout, holdout_seed)[1]
+        self.band = streamed_band(self.layout, len(self.held) > 0)
         self.partials: BlockPartials | None = None
         self.folded: set[int] = set()
 
     def fold(self, shard_idx: int, buffer: dict[str, np.ndarray]) -> None:
         """Add one complete shard (``buffer`` as the writer takes it)."""
-        self._add(shard_idx, [buffer[h_name(k)] for k in range(self.n_points)])
+        dtype = self.layout.dtype
+        self._add(
+            shard_idx, [decode_values(buffer[h_name(k)], dtype) for k in range(self.n_points)]
+        )
 
     def _add(self, shard_idx: int, points: list[np.ndarray]) -> None:
         start, stop = self.layout.shard_rows(shard_idx)
-        partial = split_chunk_partials(points, np.isin(np.arange(start, stop), self.held))
-        self.partials = partial if self.partials is None else self.partials.merge(partial)
+        held = np.isin(np.arange(start, stop), self.held)
+        partial = split_chunk_partials(points, held, band=self.band)
+        if self.partials is None:
+            self.partials = partial
+        else:
+            self.partials = self.partials.merge(partial, inplace=True)
         self.folded.add(shard_idx)
 
     def finish(self, store: Store) -> BlockStats | None:

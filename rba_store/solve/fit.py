@@ -19,6 +19,7 @@ import xarray as xr
 from rba_store.dask_compute import check_scheduler_file
 from rba_store.errors import UsageError
 from rba_store.solve._backend import get_xp
+from rba_store.solve.from_moments import equations_from_moments, moments_source
 from rba_store.solve.heldout import HoldoutSums
 from rba_store.solve.normal_eq import (
     GEMM_DTYPES,
@@ -29,7 +30,13 @@ from rba_store.solve.normal_eq import (
 )
 from rba_store.solve.passes import equations, holdout_sums
 from rba_store.solve.spans import FitOptions, Span, SpanFit, check_spans, fit_name, parse_span
-from rba_store.store import FITS, STATS, SampleSelection, Store, StoreLayout, normalize_json
+from rba_store.store import (
+    FITS,
+    SampleSelection,
+    Store,
+    StoreLayout,
+    normalize_json,
+)
 from rba_store.store.selection import (
     check_tokens,
     describe_holdout,
@@ -38,8 +45,7 @@ from rba_store.store.selection import (
 )
 
 if TYPE_CHECKING:
-    from rba_store.stats.moments import Moments
-    from rba_store.stats.result import BlockStats
+    pass
 
 __all__ = [
     "FitOptions",
@@ -123,68 +129,74 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
         len(fit_idx) * (1 if cls_only else layout.points[0].n_tokens), spans, layout, options
     )
 
-    sources: dict[int, list[int]] = {}
-    for a, b in spans:
-        sources.setdefault(a, []).append(b)
-    plan = sorted(sources.items())
-    points = sorted({a for a, _ in spans} | {b for _, b in spans})
     split = describe_holdout(options.holdout, options.holdout_seed)
     n_samples = len(fit_idx) + len(held_idx)
-    saved = _moments_source(store, options, n_samples, split, "the fit")
-    if saved is not None:  # every span from the joint moments: the activations are not read
-        stats_name, stats = saved
-        fit_moments = stats.moments if split is not None else stats.all_moments()
-        accumulated = equations_from_moments(fit_moments, stats.widths, plan)
-        source = {"kind": "moments", "stats": stats_name}
-    else:
-        accumulated = equations(store, fit_idx, plan, points, cls_only, options)
-        source = {"kind": "activations"}
+    saved = moments_source(store, options, n_samples, split, "the fit", spans)
+    # Spans in the band of saved joint moments are solved from them (the activations are not
+    # read for them); the others are streamed from the store in one pass.
+    from_moments = [s for s in spans if saved is not None and saved.covers(s)]
+    streamed = [s for s in spans if s not in from_moments]
+    accumulated: dict[Span, NormalEquations] = {}
+    sources: dict[Span, dict] = {}
+    if from_moments:
+        assert saved is not None
+        fit_moments = saved.moments(from_moments, all_rows=split is None)
+        accumulated |= equations_from_moments(fit_moments, from_moments)
+        sources |= {s: {"kind": "moments", "stats": saved.name} for s in from_moments}
+    if streamed:
+        plan = _plan(streamed)
+        points = sorted({a for a, _ in streamed} | {b for _, b in streamed})
+        by_source = equations(store, fit_idx, plan, points, cls_only, options)
+        accumulated |= _split_targets(by_source, plan, layout)
+        sources |= {s: {"kind": "activations"} for s in streamed}
 
     solutions: dict[Span, tuple[Solution, float]] = {}
-    for a, targets in plan:
-        ne = accumulated[a].to_numpy()
-        offset = 0
-        for b in targets:
-            width = layout.points[b].n_channels
-            sub = ne.select_outputs(offset, offset + width)
-            solution = solve(
-                sub, bias=options.bias, ridge=options.ridge, gemm_dtype=options.gemm_dtype
-            )
-            solutions[(a, b)] = (solution, training_error(sub, solution))
-            offset += width
+    for span in spans:
+        sub = accumulated[span].to_numpy()
+        solution = solve(sub, bias=options.bias, ridge=options.ridge, gemm_dtype=options.gemm_dtype)
+        solutions[span] = (solution, training_error(sub, solution))
 
-    maps = [(a, b, solutions[(a, b)][0].t, solutions[(a, b)][0].bias) for a, b in spans]
-    held: list[HoldoutSums] | None = None
-    held_source = None
+    maps = {(a, b): (a, b, solutions[(a, b)][0].t, solutions[(a, b)][0].bias) for a, b in spans}
+    held: dict[Span, HoldoutSums] | None = None
+    held_source: dict[Span, dict] = {}
     if len(held_idx):
-        held_source = {"kind": "holdout", "fraction": options.holdout, "samples": len(held_idx)}
-        if saved is not None:
-            held = _heldout_from_moments(saved[1].heldout, saved[1].widths, maps)
-            held_source |= {"from": "moments", "stats": saved[0]}
-        else:
-            held = holdout_sums(store, held_idx, cls_only, maps, options)
-            held_source["from"] = "activations"
+        base = {"kind": "holdout", "fraction": options.holdout, "samples": len(held_idx)}
+        held = {}
+        if from_moments:
+            assert saved is not None
+            held_moments = saved.heldout(from_moments)
+            for s in from_moments:
+                held[s] = HoldoutSums.from_moments(held_moments, *maps[s])
+                held_source[s] = base | {"from": "moments", "stats": saved.name}
+        if streamed:
+            sums = holdout_sums(store, held_idx, cls_only, [maps[s] for s in streamed], options)
+            held |= dict(zip(streamed, sums, strict=True))
+            held_source |= {s: base | {"from": "activations"} for s in streamed}
     elif eval_samples is not None:
         eval_store, eval_indices = eval_samples
-        held_source = {
-            "kind": "eval_store",
-            "store": options.eval_store,
-            "samples": len(eval_indices),
-        }
+        base = {"kind": "eval_store", "store": options.eval_store, "samples": len(eval_indices)}
         eval_options = replace(options, selection=SampleSelection(), allow_incomplete=False)
-        eval_saved = _moments_source(
-            eval_store, eval_options, len(eval_indices), None, "--eval-store's held-out rows"
+        eval_saved = moments_source(
+            eval_store, eval_options, len(eval_indices), None, "--eval-store's held-out rows", spans
         )
-        if eval_saved is not None:
-            eval_stats = eval_saved[1]
-            held = _heldout_from_moments(eval_stats.all_moments(), eval_stats.widths, maps)
-            held_source |= {"from": "moments", "stats": eval_saved[0]}
-        else:
-            held = holdout_sums(eval_store, eval_indices, cls_only, maps, options)
-            held_source["from"] = "activations"
+        held = {}
+        eval_moments = [s for s in spans if eval_saved is not None and eval_saved.covers(s)]
+        eval_streamed = [s for s in spans if s not in eval_moments]
+        if eval_moments:
+            assert eval_saved is not None
+            all_rows = eval_saved.moments(eval_moments, all_rows=True)
+            for s in eval_moments:
+                held[s] = HoldoutSums.from_moments(all_rows, *maps[s])
+                held_source[s] = base | {"from": "moments", "stats": eval_saved.name}
+        if eval_streamed:
+            sums = holdout_sums(
+                eval_store, eval_indices, cls_only, [maps[s] for s in eval_streamed], options
+            )
+            held |= dict(zip(eval_streamed, sums, strict=True))
+            held_source |= {s: base | {"from": "activations"} for s in eval_streamed}
 
     fits = []
-    for i, (span, name) in enumerate(zip(spans, names, strict=True)):
+    for span, name in zip(spans, names, strict=True):
         solution, train_mse = solutions[span]
         diagnostics = {
             "blocks_replaced": list(range(span[0] + 1, span[1] + 1)),
@@ -198,9 +210,11 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
             "ridge_added": solution.ridge_added,
             "notes": solution.notes,
             "train": {"relative_mse": train_mse},
-            "heldout": None if held is None else held[i].report() | {"source": held_source},
+            "heldout": None
+            if held is None
+            else held[span].report() | {"source": held_source[span]},
             "options": options.describe(),
-            "source": source,
+            "source": sources[span],
             "store_fingerprint": store.fingerprint,
         }
         if solution.gemm_error is not None:  # float32 products: their expected cost in T
@@ -214,99 +228,26 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
     return [reused.get(s) or fitted[s] for s in order]
 
 
-def _moments_source(
-    store: Store, options: FitOptions, n_samples: int, split: dict | None, what: str
-) -> tuple[str, BlockStats] | None:
-    """Saved statistics whose joint moments cover exactly the rows ``options`` select in
-    ``store`` (``n_samples`` samples; with ``split``, the same held-out samples apart), or None
-    when the rows must be streamed (``--from activations``, float32 products, no such stats)."""
-    if options.source == "activations" or options.gemm_dtype != "float64":
-        return None
-    found = _saved_moments(
-        store,
-        tokens=options.tokens,
-        selection=options.selection,
-        allow_incomplete=options.allow_incomplete,
-        n_samples=n_samples,
-        split=split,
-    )
-    if found is None and options.source == "moments":
-        holdout = ""
-        if split is not None:
-            holdout = f" --holdout {split['fraction']:g} --seed {split['seed']}"
-        raise UsageError(
-            f"--from moments: {str(store)!r} has no saved statistics whose joint moments cover "
-            f"the rows of {what}; run 'rba-store stats {store} --tokens {options.tokens}"
-            f"{holdout}' with the same --limit/--sample first, or pass --from auto"
-        )
-    return found
+def _plan(spans: list[Span]) -> list[tuple[int, list[int]]]:
+    """Each distinct source and its targets: one accumulator of X = h_a against all of them."""
+    sources: dict[int, list[int]] = {}
+    for a, b in spans:
+        sources.setdefault(a, []).append(b)
+    return sorted(sources.items())
 
 
-def _saved_moments(
-    store: Store,
-    *,
-    tokens: str,
-    selection: SampleSelection,
-    allow_incomplete: bool,
-    n_samples: int,
-    split: dict | None = None,
-) -> tuple[str, BlockStats] | None:
-    """``(name, stats)`` of saved statistics with joint moments of exactly these rows: same
-    store, tokens and selection, ``n_samples`` samples in all and, when ``split`` is given, the
-    same held-out samples kept apart. Statistics with a split also answer for all rows."""
-    from rba_store.stats.result import BlockStats  # stats imports the solver's backend
-
-    wanted = normalize_json(
-        {
-            "store_fingerprint": store.fingerprint,
-            "tokens": tokens,
-            "selection": selection.describe(),
-            "allow_incomplete": allow_incomplete,
-        }
-    )
-    split = normalize_json(split)
-    for name in store.list_analyses(STATS):
-        attrs = store.analysis_attrs(STATS, name)
-        same_rows = all(attrs.get(k) == v for k, v in wanted.items())
-        if not same_rows or "moment_count" not in attrs or int(attrs["n_samples"]) != n_samples:
-            continue
-        if split is not None and attrs.get("holdout") != split:
-            continue
-        stats = BlockStats.from_dataset(store.read_analysis(STATS, name))  # type: ignore[arg-type]
-        return name, stats
-    return None
-
-
-def _heldout_from_moments(
-    held: Moments | None, widths: list[int], maps: list[tuple[int, int, np.ndarray, np.ndarray]]
-) -> list[HoldoutSums]:
-    """Held-out sums of every map from the joint moments of the held-out rows."""
-    from rba_store.stats.moments import point_columns  # stats imports the solver's backend
-
-    assert held is not None
-    cols = point_columns(widths)
-    return [HoldoutSums.from_moments(held, cols[a], cols[b], t, bias) for a, b, t, bias in maps]
-
-
-def equations_from_moments(
-    moments: Moments, widths: list[int], plan: list[tuple[int, list[int]]]
-) -> dict[int, NormalEquations]:
-    """The normal equations of every source and its targets, read off the joint moments of the
-    rows of ``[h0 | ... | hL]``: XᵀX is block (a, a), XᵀY block (a, b) (centred, with means)."""
-    from rba_store.stats.moments import point_columns  # stats imports the solver's backend
-
-    cols = point_columns(widths)
+def _split_targets(
+    by_source: dict[int, NormalEquations], plan: list[tuple[int, list[int]]], layout: StoreLayout
+) -> dict[Span, NormalEquations]:
+    """The accumulator of every span, cut out of its source's (targets side by side)."""
     out = {}
     for a, targets in plan:
-        ys = [cols[b] for b in targets]
-        out[a] = NormalEquations(
-            n=int(moments.n),
-            mean_x=moments.mean[cols[a]],
-            mean_y=np.concatenate([moments.mean[y] for y in ys]),
-            sxx=moments.m2[cols[a], cols[a]],
-            sxy=np.concatenate([moments.m2[cols[a], y] for y in ys], axis=1),
-            syy=np.concatenate([np.diag(moments.m2[y, y]) for y in ys]),
-        )
+        ne = by_source[a].to_numpy()
+        offset = 0
+        for b in targets:
+            width = layout.points[b].n_channels
+            out[(a, b)] = ne.select_outputs(offset, offset + width)
+            offset += width
     return out
 
 

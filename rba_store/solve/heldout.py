@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from rba_store.stats.moments import Moments
+    from rba_store.stats.moments import PairMoments
 
 _TINY = np.finfo(np.float64).tiny
 
@@ -60,19 +60,19 @@ class HoldoutSums:
 
     @classmethod
     def from_moments(
-        cls, held: Moments, x_cols: slice, y_cols: slice, t: np.ndarray, bias: np.ndarray
+        cls, held: PairMoments, a: int, b: int, t: np.ndarray, bias: np.ndarray
     ) -> HoldoutSums:
-        """The sums over the rows whose joint moments are ``held``, for ``x = z[:, x_cols]``
-        and ``y = z[:, y_cols]``. With centred co-moments S and means m::
+        """The sums over the rows whose joint moments are ``held``, for ``x = h_a`` and
+        ``y = h_b`` (blocks (a, a), (a, b) and (b, b)). With centred co-moments S and means m::
 
             Σ‖x t + b - y‖² = tr(tᵀ Sxx t) - 2 tr(tᵀ Sxy) + tr(Syy) + n ‖mx t + b - my‖²
 
         (the cross terms of centred rows sum to zero). Exact up to float64 rounding, relative
         to Σ‖y - ȳ‖²; the cosines are per row and are not in the moments (NaN).
         """
-        n, mean, m2 = held.n, held.mean, held.m2
-        mx, my = mean[x_cols], mean[y_cols]
-        sxx, sxy, syy_block = m2[x_cols, x_cols], m2[x_cols, y_cols], m2[y_cols, y_cols]
+        n = held.n
+        mx, my = held.point_mean(a), held.point_mean(b)
+        sxx, sxy, syy_block = held.block(a, a), held.block(a, b), held.block(b, b)
         syy = float(np.trace(syy_block))
         offset = mx @ t + bias - my
         sse = float(np.sum((sxx @ t) * t)) - 2 * float(np.sum(t * sxy)) + syy

@@ -3,14 +3,25 @@ Dask from a store, saved under ``stats/<name>`` in it and reused."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from rba_store.errors import UsageError
-from rba_store.stats.reduce import compute_block_stats, stats_attrs
+from rba_store.stats.reduce import StatsPlan, compute_block_stats, plan_stats, stats_attrs
 from rba_store.stats.result import BlockStats
-from rba_store.store import STATS, SampleSelection, Store, normalize
+from rba_store.store import STATS, SampleSelection, Store, analyses, normalize
+from rba_store.store.selection import check_tokens, split_holdout, usable_samples
 
-__all__ = ["BlockStats", "SampleSelection", "compute_block_stats", "default_name", "run_stats"]
+__all__ = [
+    "BlockStats",
+    "SampleSelection",
+    "StatsPlan",
+    "compute_block_stats",
+    "default_name",
+    "default_stats",
+    "prepare_stats",
+    "run_stats",
+]
 
 
 def default_name(
@@ -32,6 +43,80 @@ def default_name(
     return name if cka else f"{name}-nocka"
 
 
+@dataclass(frozen=True)
+class PreparedStats:
+    """What ``stats`` will do: reuse ``stats/<name>`` (``plan`` None) or compute it."""
+
+    name: str
+    tokens: str
+    plan: StatsPlan | None
+
+
+def covers(attrs: dict, max_span: int, cka_pairs: str) -> bool:
+    """Whether saved statistics (their attributes) answer ``--max-span``/``--cka-pairs``: their
+    joint moments cover spans of ``max_span`` blocks, and the CKA of every pair when asked."""
+    if not attrs.get("cka", True):
+        return True
+    band = attrs.get("moment_band")  # absent (saved before the band) or None: every pair
+    return (band is None or band >= max_span) and (
+        cka_pairs != "all" or attrs.get("cka_pairs", "all") == "all"
+    )
+
+
+def prepare_stats(
+    store: Store,
+    *,
+    name: str | None = None,
+    tokens: str | None = None,
+    selection: SampleSelection | None = None,
+    allow_incomplete: bool = False,
+    overwrite: bool = False,
+    cka: bool = True,
+    holdout: float | None = None,
+    holdout_seed: int = 0,
+    max_span: int = 4,
+    cka_pairs: str = "auto",
+) -> PreparedStats:
+    """Check the options, find reusable saved statistics, or plan the pass (and refuse, in one
+    line, one that does not fit in memory): nothing is read but attributes, nothing written."""
+    selection = selection or SampleSelection()
+    if holdout is not None and not cka:
+        raise UsageError(
+            "--holdout keeps the joint moments of the held-out rows, and --no-cka computes no "
+            "moments; drop one of them"
+        )
+    tokens = tokens or store.description["tokens"]
+    name = name or default_name(tokens, selection, cka, holdout, holdout_seed)
+    wanted = stats_attrs(store, tokens, selection, allow_incomplete, cka, holdout, holdout_seed)
+    if store.has_analysis(STATS, name) and not overwrite:
+        attrs = store.analysis_attrs(STATS, name)
+        same = {k: attrs.get(k) for k in wanted} == normalize(wanted)
+        if same and covers(attrs, max_span, cka_pairs):
+            return PreparedStats(name, tokens, None)
+        other = (
+            "other options"
+            if not same
+            else f"joint moments of spans up to {attrs.get('moment_band')} blocks only"
+        )
+        raise UsageError(
+            f"statistics {name!r} already exist in {str(store)!r} with {other}; "
+            "pass --overwrite to replace them, or another --name"
+        )
+    check_tokens(store, tokens)
+    indices = selection.indices(usable_samples(store, allow_incomplete), store)
+    held = split_holdout(indices, holdout, holdout_seed)[1] if cka else indices[:0]
+    plan = plan_stats(
+        store,
+        indices,
+        tokens,
+        cka=cka,
+        holdout=len(held) > 0,
+        max_span=max_span,
+        cka_pairs=cka_pairs,
+    )
+    return PreparedStats(name, tokens, plan)
+
+
 def run_stats(
     store: Store | str | Path,
     *,
@@ -46,35 +131,40 @@ def run_stats(
     backend: str = "auto",
     holdout: float | None = None,
     holdout_seed: int = 0,
+    max_span: int = 4,
+    cka_pairs: str = "auto",
+    prepared: PreparedStats | None = None,
 ) -> tuple[BlockStats, bool]:
     """Compute (or reuse) the statistics saved as ``stats/<name>``. Returns (stats, reused).
 
     ``tokens`` defaults to what the store holds (``all``, or ``cls`` for a class-token store).
     ``holdout`` keeps the joint moments of that fraction of the samples apart (see
-    :func:`compute_block_stats`).
+    :func:`compute_block_stats`). ``max_span``/``cka_pairs``: which joint moments are kept
+    (:func:`rba_store.stats.reduce.plan_stats`); saved statistics that keep more are reused.
+    ``prepared``: what :func:`prepare_stats` returned for these options (not done again).
     """
     selection = selection or SampleSelection()
     store = Store.coerce(store)
-    if holdout is not None and not cka:
-        raise UsageError(
-            "--holdout keeps the joint moments of the held-out rows, and --no-cka computes no "
-            "moments; drop one of them"
-        )
-    tokens = tokens or store.description["tokens"]
-    name = name or default_name(tokens, selection, cka, holdout, holdout_seed)
-    saved = store.read_analysis(STATS, name)
-    wanted = stats_attrs(store, tokens, selection, allow_incomplete, cka, holdout, holdout_seed)
-    if saved is not None and not overwrite:
-        stats = BlockStats.from_dataset(saved)
-        if {k: stats.attrs.get(k) for k in wanted} == normalize(wanted):
-            return stats, True
-        raise UsageError(
-            f"statistics {name!r} already exist in {str(store)!r} with other options; "
-            "pass --overwrite to replace them, or another --name"
-        )
+    prepared = prepared or prepare_stats(
+        store,
+        name=name,
+        tokens=tokens,
+        selection=selection,
+        allow_incomplete=allow_incomplete,
+        overwrite=overwrite,
+        cka=cka,
+        holdout=holdout,
+        holdout_seed=holdout_seed,
+        max_span=max_span,
+        cka_pairs=cka_pairs,
+    )
+    if prepared.plan is None:
+        saved = store.read_analysis(STATS, prepared.name)
+        assert saved is not None
+        return BlockStats.from_dataset(saved), True
     stats = compute_block_stats(
         store,
-        tokens=tokens,
+        tokens=prepared.tokens,
         selection=selection,
         allow_incomplete=allow_incomplete,
         scheduler=scheduler,
@@ -83,7 +173,20 @@ def run_stats(
         backend=backend,
         holdout=holdout,
         holdout_seed=holdout_seed,
+        plan=prepared.plan,
     )
-    stats.attrs["name"] = name
-    store.write_analysis(STATS, name, stats.to_dataset())
+    stats.attrs["name"] = prepared.name
+    store.write_analysis(STATS, prepared.name, stats.to_dataset())
     return stats, False
+
+
+def default_stats(store: Store | str | Path, max_span: int = 4) -> BlockStats:
+    """The store's default statistics (all samples, the stored tokens): the saved ones whatever
+    their band (the ranking of spans needs none of the joint moments), or computed keeping the
+    joint moments of spans up to ``max_span`` blocks (what ``select`` and the sweep fit from)."""
+    store = Store.coerce(store)
+    name = default_name(store.description["tokens"], SampleSelection())
+    if store.has_analysis(STATS, name):
+        lazy = analyses.open_lazy(store.path, analyses.analysis_path(STATS, name))
+        return BlockStats.from_dataset(lazy, moments=False)
+    return run_stats(store, max_span=max_span)[0]

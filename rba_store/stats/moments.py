@@ -1,18 +1,22 @@
 """Mergeable float64 partial results of block statistics over chunks of samples.
 
 Letters: n = samples in a chunk, t = tokens used per sample, r = n*t token vectors (rows),
-p = total channels of all capture points side by side (the joint feature space).
+p = total channels of all capture points side by side (the joint feature space), k = capture
+points (L+1), w = the widest point's channels.
 
-A chunk's :class:`BlockPartials` holds sums (exactly additive) and the :class:`Moments` of the
-rows of ``[h0 | h1 | ... | hL]`` (count, mean and centred co-moment matrix), merged with Chan's
+A chunk's :class:`BlockPartials` holds sums (exactly additive) and the :class:`PairMoments` of
+the rows of ``[h0 | h1 | ... | hL]``: count, mean and the centred co-moment blocks of the pairs
+of points kept (the band ``b - a <= S`` and the diagonal, or every pair), merged with Chan's
 pairwise update, which is exact and associative: any chunking and any merge order give the same
-result as one pass over all rows held in memory (up to float64 rounding).
+result as one pass over all rows held in memory (up to float64 rounding). Keeping a band rather
+than the whole (p, p) matrix makes the memory O(L·S·w²) instead of O(L²·w²).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from types import ModuleType
 
 import numpy as np
@@ -63,6 +67,179 @@ class Moments:
         return Moments(n, mean, m2)
 
 
+Pair = tuple[int, int]
+
+
+def band_pairs(n_points: int, band: int | None) -> tuple[Pair, ...]:
+    """The pairs ``(a, b)``, ``a <= b``, of points at most ``band`` apart (every pair: None)."""
+    reach = n_points if band is None else band + 1
+    return tuple((a, b) for a in range(n_points) for b in range(a, min(n_points, a + reach)))
+
+
+@dataclass
+class PairMoments:
+    """Row count, mean and the centred co-moment blocks ``Σ (z_a - m_a)(z_b - m_b)ᵀ`` of some
+    pairs of points ``(a, b)``, ``a <= b``, of the rows ``z = [h0 | ... | hL]``.
+
+    ``blocks[i]`` is pair ``pairs[i]``'s block, zero-padded to (w, w) when the points are
+    narrower than the widest one. Blocks (a, a) are XᵀX and blocks (a, b) XᵀY of span (a, b],
+    centred; the diagonal blocks also give the CKA of every kept pair.
+    """
+
+    n: int
+    mean: np.ndarray  # (p,)
+    widths: tuple[int, ...]
+    pairs: tuple[Pair, ...]
+    blocks: np.ndarray  # (n_pairs, w, w)
+
+    @classmethod
+    def empty(cls) -> PairMoments:
+        """The moments of no rows (the identity of :meth:`merge`)."""
+        return cls(0, np.zeros(0), (), (), np.zeros((0, 0, 0)))
+
+    @cached_property
+    def _index(self) -> dict[Pair, int]:
+        return {pair: i for i, pair in enumerate(self.pairs)}
+
+    @property
+    def n_points(self) -> int:
+        return len(self.widths)
+
+    @property
+    def band(self) -> int | None:
+        """The largest ``b - a`` kept when the pairs are a whole band (None: every pair)."""
+        if not self.pairs:
+            return None
+        span = max(b - a for a, b in self.pairs)
+        return None if span >= self.n_points - 1 else span
+
+    def covers(self, a: int, b: int) -> bool:
+        return (min(a, b), max(a, b)) in self._index
+
+    def block(self, a: int, b: int) -> np.ndarray:
+        """The (w_a, w_b) co-moment block of points a and b (a view)."""
+        if a > b:
+            return self.block(b, a).T
+        i = self._index.get((a, b))
+        if i is None:
+            raise KeyError(f"the pair (h{a}, h{b}) is not among the moments kept")
+        return self.blocks[i, : self.widths[a], : self.widths[b]]
+
+    def point_mean(self, k: int) -> np.ndarray:
+        return self.mean[point_columns(self.widths)[k]]
+
+    @classmethod
+    def from_rows(
+        cls,
+        z_rp: np.ndarray,
+        widths: Sequence[int],
+        pairs: Sequence[Pair],
+        xp: ModuleType = np,
+        overwrite: bool = False,
+    ) -> PairMoments:
+        """The moments of rows ``z_rp`` for ``pairs``: for each first point a, one product of
+        its centred columns with each contiguous run of its partners' columns, in float64 where
+        ``xp`` (NumPy or CuPy) computes; the blocks come back to the host. ``overwrite``:
+        ``z_rp`` (float64) may be centred in place rather than copied."""
+        z = xp.asarray(z_rp, dtype=xp.float64)
+        mean = z.mean(axis=0)
+        if overwrite or z is not z_rp:  # a copy already (cast, or moved to the device)
+            z -= mean
+            zc = z
+        else:
+            zc = z - mean
+        widths = tuple(int(w) for w in widths)
+        pairs = tuple(sorted(set(pairs)))
+        cols = point_columns(widths)
+        wide = max(widths, default=0)
+        blocks = np.zeros((len(pairs), wide, wide))
+        index = {pair: i for i, pair in enumerate(pairs)}
+        partners: dict[int, list[int]] = {}
+        for a, b in pairs:
+            partners.setdefault(a, []).append(b)
+        for a, bs in partners.items():
+            x = zc[:, cols[a]]
+            for run in _runs(bs):
+                product = to_numpy(x.T @ zc[:, cols[run[0]].start : cols[run[-1]].stop])
+                offset = 0
+                for b in run:
+                    blocks[index[(a, b)], : widths[a], : widths[b]] = product[
+                        :, offset : offset + widths[b]
+                    ]
+                    offset += widths[b]
+        return cls(len(z), to_numpy(mean), widths, pairs, blocks)
+
+    @classmethod
+    def from_moments(
+        cls, moments: Moments, widths: Sequence[int], pairs: Sequence[Pair]
+    ) -> PairMoments:
+        """The blocks ``pairs`` of full joint moments (statistics saved before the band)."""
+        widths = tuple(int(w) for w in widths)
+        pairs = tuple(sorted(set(pairs)))
+        cols = point_columns(widths)
+        wide = max(widths, default=0)
+        blocks = np.zeros((len(pairs), wide, wide))
+        for i, (a, b) in enumerate(pairs):
+            blocks[i, : widths[a], : widths[b]] = moments.m2[cols[a], cols[b]]
+        return cls(int(moments.n), np.asarray(moments.mean), widths, pairs, blocks)
+
+    def merge(self, other: PairMoments, inplace: bool = False) -> PairMoments:
+        """Chan et al.: exact combination of two disjoint sets of rows (same pairs).
+        ``inplace``: add into this object's blocks (it must not be used otherwise afterwards)."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        assert self.pairs == other.pairs and self.widths == other.widths
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        weight = self.n * other.n / n
+        if inplace:
+            blocks = self.blocks
+            blocks += other.blocks
+        else:
+            blocks = self.blocks + other.blocks
+        cols = point_columns(self.widths)
+        for i, (a, b) in enumerate(self.pairs):
+            block = blocks[i, : self.widths[a], : self.widths[b]]
+            block += np.outer(delta[cols[a]] * weight, delta[cols[b]])
+        return PairMoments(n, mean, self.widths, self.pairs, blocks)
+
+    def nbytes(self) -> int:
+        return int(self.blocks.nbytes + self.mean.nbytes)
+
+
+def _runs(sorted_values: Sequence[int]) -> list[list[int]]:
+    """Maximal runs of consecutive integers: [1, 2, 3, 5] -> [[1, 2, 3], [5]]."""
+    runs: list[list[int]] = []
+    for v in sorted_values:
+        if runs and runs[-1][-1] == v - 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return runs
+
+
+def hsic_of(moments: PairMoments) -> np.ndarray:
+    """‖block(a, b)‖²_F for every kept pair, NaN elsewhere: the numerators of linear CKA."""
+    k = moments.n_points
+    hsic = np.full((k, k), np.nan)
+    for i, (a, b) in enumerate(moments.pairs):
+        block = moments.blocks[i]
+        hsic[a, b] = hsic[b, a] = float(np.sum(block * block))
+    return hsic
+
+
+def cka_from_hsic(hsic: np.ndarray) -> np.ndarray:
+    """Linear CKA from the (k, k) ‖XcᵀYc‖²_F of every pair (NaN where a pair is not known)."""
+    scale = np.sqrt(np.diag(hsic))
+    denominator = np.outer(scale, scale)
+    # A point with zero variance (e.g. h0's class token: the same for every sample) has no CKA.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, hsic / denominator, np.nan)
+
+
 @dataclass
 class BlockPartials:
     """Sums over a chunk of samples, for every pair of capture points ``a < b``."""
@@ -73,10 +250,12 @@ class BlockPartials:
     rel_change: np.ndarray  # (k, k): Σ_samples ‖h_b - h_a‖² / ‖h_a‖²
     cos_sum: np.ndarray  # (k-1,): Σ_rows cos(h_{b-1}, h_b)
     norm_sum: np.ndarray  # (k,): Σ_samples ‖h_k‖
-    moments: Moments  # of the rows to fit (all rows unless some samples are held out)
-    heldout: Moments = field(default_factory=Moments.empty)  # of the held-out samples' rows
+    moments: PairMoments  # of the rows to fit (all rows unless some samples are held out)
+    heldout: PairMoments = field(default_factory=PairMoments.empty)  # of the held-out rows
 
-    def merge(self, other: BlockPartials) -> BlockPartials:
+    def merge(self, other: BlockPartials, inplace: bool = False) -> BlockPartials:
+        """``inplace``: the joint moments are added into this object's (a tree reduction's
+        partials are used once: no third copy of the largest arrays at each merge)."""
         return BlockPartials(
             self.n_samples + other.n_samples,
             self.n_rows + other.n_rows,
@@ -84,19 +263,23 @@ class BlockPartials:
             self.rel_change + other.rel_change,
             self.cos_sum + other.cos_sum,
             self.norm_sum + other.norm_sum,
-            self.moments.merge(other.moments),
-            self.heldout.merge(other.heldout),
+            self.moments.merge(other.moments, inplace),
+            self.heldout.merge(other.heldout, inplace),
         )
 
 
 def chunk_partials(
-    points: Sequence[np.ndarray], cka: bool = True, xp: ModuleType = np
+    points: Sequence[np.ndarray],
+    cka: bool = True,
+    xp: ModuleType = np,
+    band: int | None = None,
 ) -> BlockPartials:
     """Partials of one chunk: ``points[k]`` is ``h_k``, shape ``(n, t, c_k)``, any float dtype.
 
     Every point is converted to float64 once. Per-sample squared changes between all pairs of
     points come from one batched Gram product (‖h_b - h_a‖² = ‖h_a‖² + ‖h_b‖² - 2<h_a, h_b>);
-    the joint co-moment matrix (for CKA) is one symmetric product of the centred rows.
+    the joint co-moment blocks (for CKA and the fits) of the pairs at most ``band`` apart
+    (None: every pair) are products of the centred rows.
     """
     k = len(points)
     n, t = points[0].shape[:2]
@@ -134,9 +317,11 @@ def chunk_partials(
             cos[b - 1] = (dot / np.maximum(norms, _TINY)).sum()
     norm_sum = np.array([np.sqrt(s).sum() for s in sq_norm])
     if cka and all(h.shape[1] == t for h in hs):
-        moments = Moments.from_rows(_joint_rows(points, n, t), xp, overwrite=True)
+        widths = [p.shape[2] for p in points]
+        z = _joint_rows(points, n, t)
+        moments = PairMoments.from_rows(z, widths, band_pairs(k, band), xp, overwrite=True)
     else:  # CKA skipped, or impossible: it needs token rows shared by all points
-        moments = Moments.empty()
+        moments = PairMoments.empty()
     return BlockPartials(n, n * t, sq, rel, cos, norm_sum, moments)
 
 
@@ -154,18 +339,32 @@ def _joint_rows(points: Sequence[np.ndarray], n: int, t: int) -> np.ndarray:
 
 
 def split_chunk_partials(
-    points: Sequence[np.ndarray], held: np.ndarray, cka: bool = True, xp: ModuleType = np
+    points: Sequence[np.ndarray],
+    held: np.ndarray,
+    cka: bool = True,
+    xp: ModuleType = np,
+    band: int | None = None,
 ) -> BlockPartials:
     """:func:`chunk_partials` of a chunk some of whose samples (boolean mask ``held``) are held
     out: every sum covers all samples, the joint moments of the held-out samples' rows are kept
     apart (``heldout``), so that a fit solves from the others and is judged on those."""
     if not held.any():
-        return chunk_partials(points, cka, xp)
-    kept = chunk_partials([p[held] for p in points], cka, xp)
-    kept = replace(kept, moments=Moments.empty(), heldout=kept.moments)
+        return chunk_partials(points, cka, xp, band)
+    kept = chunk_partials([p[held] for p in points], cka, xp, band)
+    kept = replace(kept, moments=PairMoments.empty(), heldout=kept.moments)
     if held.all():
         return kept
-    return chunk_partials([p[~held] for p in points], cka, xp).merge(kept)
+    return chunk_partials([p[~held] for p in points], cka, xp, band).merge(kept, inplace=True)
+
+
+def pair_moments_of_chunk(
+    points: Sequence[np.ndarray], pairs: Sequence[Pair], xp: ModuleType = np
+) -> PairMoments:
+    """The joint moments of a chunk's rows for ``pairs`` only (a further pass for the CKA of
+    pairs outside the band)."""
+    n, t = points[0].shape[:2]
+    widths = [p.shape[2] for p in points]
+    return PairMoments.from_rows(_joint_rows(points, n, t), widths, pairs, xp, overwrite=True)
 
 
 def point_columns(widths: Sequence[int]) -> list[slice]:
@@ -186,8 +385,4 @@ def cka_from_moments(m2: np.ndarray, widths: Sequence[int]) -> np.ndarray:
         for j in range(i, k):
             block = m2[cols[i], cols[j]]
             hsic[i, j] = hsic[j, i] = np.sum(block * block)
-    scale = np.sqrt(np.diag(hsic))
-    denominator = np.outer(scale, scale)
-    # A point with zero variance (e.g. h0's class token: the same for every sample) has no CKA.
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, hsic / denominator, np.nan)
+    return cka_from_hsic(hsic)

@@ -8,7 +8,19 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from rba_store.stats.moments import BlockPartials, Moments, cka_from_moments
+from rba_store.stats.moments import (
+    BlockPartials,
+    Moments,
+    Pair,
+    PairMoments,
+    band_pairs,
+    cka_from_hsic,
+    hsic_of,
+    point_columns,
+)
+
+# How saved statistics name the two sets of joint moments: the rows to fit, the held-out rows.
+MOMENT_SETS = ("moment", "heldout")
 
 
 @dataclass
@@ -19,24 +31,30 @@ class BlockStats:
     relative_change: np.ndarray  # (L,) mean_samples ‖h_b - h_{b-1}‖² / ‖h_{b-1}‖²
     cosine: np.ndarray  # (L,) mean over token vectors of cos(h_{b-1}, h_b)
     norm: np.ndarray  # (L+1,) mean_samples ‖h_k‖
-    cka: np.ndarray  # (L+1, L+1) linear CKA between all h_k
+    cka: np.ndarray  # (L+1, L+1) linear CKA between h_k (NaN for pairs not computed)
     span_change: np.ndarray  # (L+1, L+1) mean relative change from h_a to h_b (a < b)
     n_samples: int
     n_rows: int
     attrs: dict[str, Any] = field(default_factory=dict)
-    # The joint moments of the rows of [h0 | ... | hL] (count, mean, centred co-moment): what
-    # the CKA is made of, and the normal equations of every span (``fit`` solves from them).
-    moments: Moments | None = None
+    # The joint moments of the rows of [h0 | ... | hL] (count, mean, centred co-moment blocks
+    # of the pairs of points kept: the band b - a <= S, or every pair): what the CKA is made
+    # of, and the normal equations of every span in the band (``fit`` solves from them).
+    moments: PairMoments | None = None
     widths: list[int] = field(default_factory=list)
     # With a held-out split (``stats --holdout``): ``moments`` cover the rows to fit, these the
     # held-out rows, and every statistic above covers both.
-    heldout: Moments | None = None
+    heldout: PairMoments | None = None
 
-    def all_moments(self) -> Moments | None:
+    def all_moments(self) -> PairMoments | None:
         """The joint moments of every row the statistics cover."""
         if self.moments is None or self.heldout is None:
             return self.moments
         return self.moments.merge(self.heldout)
+
+    @property
+    def band(self) -> int | None:
+        """The largest span whose joint moments are kept (None: every pair)."""
+        return self.attrs.get("moment_band")
 
     @property
     def n_blocks(self) -> int:
@@ -44,16 +62,29 @@ class BlockStats:
 
     @classmethod
     def from_partials(
-        cls, partials: BlockPartials, widths: list[int], attrs: dict[str, Any]
+        cls,
+        partials: BlockPartials,
+        widths: list[int],
+        attrs: dict[str, Any],
+        extra_hsic: np.ndarray | None = None,
     ) -> BlockStats:
+        """``extra_hsic``: ‖XcᵀYc‖²_F of pairs outside the kept moments (further passes)."""
         n = partials.n_samples
         k = len(widths)
         steps = np.arange(1, k)
         span = np.full((k, k), np.nan)
         upper = np.triu_indices(k, 1)
         span[upper] = partials.rel_change[upper] / n
-        m2 = partials.moments.merge(partials.heldout).m2
-        cka = cka_from_moments(m2, widths) if m2.size else np.full((k, k), np.nan)
+        kept = partials.moments if partials.moments.n else partials.heldout
+        has_moments = bool(kept.n)
+        hsic = merged_hsic(partials.moments, partials.heldout) if has_moments else None
+        if hsic is not None and extra_hsic is not None:
+            hsic = np.where(np.isnan(hsic), extra_hsic, hsic)
+        cka = cka_from_hsic(hsic) if hsic is not None else np.full((k, k), np.nan)
+        if has_moments:
+            attrs = attrs | {"moment_band": kept.band}
+            known = int(np.isfinite(hsic).sum()) if hsic is not None else 0
+            attrs["cka_pairs"] = "all" if known == k * k else "band"
         return cls(
             br=-partials.sq_change[steps - 1, steps] / n,
             relative_change=partials.rel_change[steps - 1, steps] / n,
@@ -64,9 +95,9 @@ class BlockStats:
             n_samples=n,
             n_rows=partials.n_rows,
             attrs=attrs,
-            moments=partials.moments if m2.size else None,
+            moments=partials.moments if has_moments else None,
             widths=list(widths),
-            heldout=partials.heldout if m2.size and partials.heldout.n else None,
+            heldout=partials.heldout if has_moments and partials.heldout.n else None,
         )
 
     def candidates(self, max_span: int = 4, top: int = 10) -> list[dict[str, Any]]:
@@ -127,31 +158,35 @@ class BlockStats:
             coords={"block": blocks, "point": points, "point_b": points},
             attrs=self.attrs | {"n_samples": self.n_samples, "n_rows": self.n_rows},
         )
+        for prefix, moments in zip(MOMENT_SETS, (self.moments, self.heldout), strict=True):
+            if moments is None:
+                continue
+            ds[f"{prefix}_mean"] = ("feature", moments.mean)
+            ds[f"{prefix}_blocks"] = (("pair", "channel", "channel_b"), moments.blocks)
+            # One Zarr chunk per block: a fit reads the blocks of its spans only.
+            ds[f"{prefix}_blocks"].encoding["chunks"] = (1, *moments.blocks.shape[1:])
+            ds.attrs[f"{prefix}_count"] = int(moments.n)
         if self.moments is not None:
-            ds["moment_mean"] = ("feature", self.moments.mean)
-            ds["moment_m2"] = (("feature", "feature_b"), self.moments.m2)
+            pairs = np.array(self.moments.pairs, dtype=np.int64).reshape(-1, 2)
+            ds = ds.assign_coords(pair_a=("pair", pairs[:, 0]), pair_b=("pair", pairs[:, 1]))
             ds["feature_point"] = ("feature", np.repeat(points, self.widths))
-            ds.attrs["moment_count"] = int(self.moments.n)
             ds.attrs["moment_widths"] = [int(w) for w in self.widths]
-        if self.heldout is not None:
-            ds["heldout_mean"] = ("feature", self.heldout.mean)
-            ds["heldout_m2"] = (("feature", "feature_b"), self.heldout.m2)
-            ds.attrs["heldout_count"] = int(self.heldout.n)
         return ds
 
     @classmethod
-    def from_dataset(cls, ds: xr.Dataset) -> BlockStats:
+    def from_dataset(cls, ds: xr.Dataset, moments: bool = True) -> BlockStats:
+        """Saved statistics; ``moments=False`` leaves the joint moments unread (see
+        :func:`read_pair_moments` to read some of their blocks)."""
         attrs = dict(ds.attrs)
         n_samples, n_rows = int(attrs.pop("n_samples")), int(attrs.pop("n_rows"))
-        moments, widths = None, []
-        if "moment_m2" in ds:
-            n = int(attrs.pop("moment_count"))
-            widths = [int(w) for w in attrs.pop("moment_widths")]
-            moments = Moments(n, ds["moment_mean"].values, ds["moment_m2"].values)
-        heldout = None
-        if "heldout_m2" in ds:
-            n_held = int(attrs.pop("heldout_count"))
-            heldout = Moments(n_held, ds["heldout_mean"].values, ds["heldout_m2"].values)
+        widths = [int(w) for w in attrs.pop("moment_widths", [])]
+        for prefix in MOMENT_SETS:
+            attrs.pop(f"{prefix}_count", None)
+        if widths:
+            attrs.setdefault("moment_band", None)  # saved before the band: every pair
+            attrs.setdefault("cka_pairs", "all")
+        fit_moments = read_pair_moments(ds, "moment") if moments else None
+        heldout = read_pair_moments(ds, "heldout") if moments else None
         return cls(
             br=ds["br"].values,
             relative_change=ds["relative_change"].values,
@@ -162,7 +197,7 @@ class BlockStats:
             n_samples=n_samples,
             n_rows=n_rows,
             attrs=attrs,
-            moments=moments,
+            moments=fit_moments,
             widths=widths,
             heldout=heldout,
         )
@@ -190,3 +225,71 @@ class BlockStats:
             blocks = "block " + str(b) if b - a == 1 else f"blocks {a + 1}-{b}"
             lines.append(f"{rank:>3}. span {a}:{b}  ({blocks})  score {cand['score']:.4f}")
         return "\n".join(lines)
+
+
+def merged_hsic(fit: PairMoments, held: PairMoments) -> np.ndarray:
+    """:func:`hsic_of` the two sets merged (all rows), a block at a time: no third copy of
+    the moments."""
+    if not held.n or not fit.n:
+        return hsic_of(fit if fit.n else held)
+    k = len(fit.widths)
+    n = fit.n + held.n
+    delta = held.mean - fit.mean
+    weight = fit.n * held.n / n
+    cols = point_columns(fit.widths)
+    hsic = np.full((k, k), np.nan)
+    for a, b in fit.pairs:
+        block = fit.block(a, b) + held.block(a, b)
+        block += np.outer(delta[cols[a]] * weight, delta[cols[b]])
+        hsic[a, b] = hsic[b, a] = float(np.sum(block * block))
+    return hsic
+
+
+def saved_pairs(ds: xr.Dataset) -> tuple[Pair, ...] | None:
+    """The pairs of points whose joint moments saved statistics hold (None: no moments)."""
+    if "moment_blocks" in ds:
+        return tuple(
+            zip(
+                (int(a) for a in ds["pair_a"].values),
+                (int(b) for b in ds["pair_b"].values),
+                strict=True,
+            )
+        )
+    if "moment_m2" in ds:  # saved before the band: the whole matrix
+        return band_pairs(len(ds.attrs["moment_widths"]), None)
+    return None
+
+
+def read_pair_moments(
+    ds: xr.Dataset, prefix: str = "moment", pairs: list[Pair] | None = None
+) -> PairMoments | None:
+    """One set of saved joint moments (``moment``: the rows to fit, ``heldout``), all its pairs
+    or only ``pairs`` (a lazily opened ``ds`` then reads those blocks only). Reads both the
+    band layout (``<prefix>_blocks``) and the whole matrix of earlier versions
+    (``<prefix>_m2``)."""
+    count = ds.attrs.get(f"{prefix}_count")
+    if count is None:
+        return None
+    widths = tuple(int(w) for w in ds.attrs["moment_widths"])
+    stored = saved_pairs(ds)
+    assert stored is not None
+    wanted = stored if pairs is None else tuple(sorted(set(pairs)))
+    mean = np.asarray(ds[f"{prefix}_mean"].values, dtype=np.float64)
+    if f"{prefix}_m2" in ds:
+        m2 = ds[f"{prefix}_m2"]
+        if pairs is None:
+            full = Moments(int(count), mean, np.asarray(m2.values, dtype=np.float64))
+            return PairMoments.from_moments(full, widths, wanted)
+        cols = point_columns(widths)
+        wide = max(widths)
+        blocks = np.zeros((len(wanted), wide, wide))
+        for i, (a, b) in enumerate(wanted):
+            blocks[i, : widths[a], : widths[b]] = m2[cols[a], cols[b]].values
+        return PairMoments(int(count), mean, widths, wanted, blocks)
+    blocks_var = ds[f"{prefix}_blocks"]
+    if pairs is None:
+        blocks = np.asarray(blocks_var.values, dtype=np.float64)
+    else:
+        index = {pair: i for i, pair in enumerate(stored)}
+        blocks = np.stack([np.asarray(blocks_var[index[pair]].values) for pair in wanted])
+    return PairMoments(int(count), mean, widths, wanted, blocks)

@@ -36,6 +36,12 @@ def read(root: Path, path: str) -> xr.Dataset:
         return ds.load()
 
 
+def open_lazy(root: Path, path: str) -> xr.Dataset:
+    """The analysis group at ``path``, its arrays read on access (e.g. a few blocks of large
+    joint moments)."""
+    return xr.open_zarr(str(root), group=path, consolidated=False, zarr_format=3)
+
+
 def write(group: zarr.Group, root: Path, path: str, ds: xr.Dataset) -> None:
     """Save an analysis group, replacing one of the same path.
 

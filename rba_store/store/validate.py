@@ -9,7 +9,7 @@ import numpy as np
 
 from rba_store.store.fingerprint import fingerprint
 from rba_store.store.handle import Store
-from rba_store.store.layout import h_name
+from rba_store.store.layout import h_name, storage_dtype
 
 
 def validate_store(store: Store | str | Path) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def validate_store(store: Store | str | Path) -> dict[str, Any]:
             continue
         point = layout.points[k]
         expected = (layout.n_samples, point.n_tokens, point.n_channels)
-        if tuple(array.shape) != expected or str(array.dtype) != layout.dtype:
+        if tuple(array.shape) != expected or array.dtype != storage_dtype(layout.dtype):
             problems.append(
                 f"array {name} is {tuple(array.shape)} {array.dtype}, the layout says "
                 f"{expected} {layout.dtype}"
