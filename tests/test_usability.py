@@ -41,7 +41,12 @@ def test_info_lists_saved_stats_and_fits(
     assert code == 0 and "stats      tokens-all" in out and "fits       f46" in out
     assert "split=None" not in out
     code, out, _ = run_cli(capsys, "info", analysed, "--json")
-    assert json.loads(out)["analyses"] == {"stats": ["tokens-all"], "fits": ["f46"]}
+    assert json.loads(out)["analyses"] == {
+        "stats": ["tokens-all"],
+        "fits": ["f46"],
+        "modularity": [],
+        "probe": [],
+    }
 
 
 # 5 and 14. apply --checkpoint; a probe used by evaluate is written with the model

@@ -16,6 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from rba_store.approx.language_eval import (
+    evaluate_language_variants,
+    format_language_report,
+    is_language_store,
+)
 from rba_store.approx.network import SplitNetwork
 from rba_store.approx.rebuild import rebuild_model, test_source
 from rba_store.approx.surgery import (
@@ -150,6 +155,18 @@ def evaluate_variants(
         raise UsageError(f"--batch-size {batch_size} is invalid; pass a positive number")
     store = Store.coerce(store)
     description = store.description
+    if is_language_store(description):  # perplexity and next-token figures on text windows
+        _check_device(device)
+        return evaluate_language_variants(
+            store,
+            variants,
+            checkpoint=checkpoint,
+            batch_size=batch_size,
+            source=source,  # type: ignore[arg-type]
+            device=device,
+            limit=limit,
+            progress=progress,
+        )
     chosen = choose_classifier(store, classifier)
     _check_device(device)
     loaded = rebuild_model(description["model"], checkpoint, store)
@@ -223,6 +240,8 @@ def _is_block(module: nn.Module) -> bool:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    if report.get("task") == "language":
+        return format_language_report(report)
     lines = [
         f"classifier: {report['classifier']}; {report['test_samples']} test samples",
         f"{'variant':<22} {'spans':<22} {'blocks':>6} {'accuracy':>9} {'agree':>7} "

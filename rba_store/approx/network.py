@@ -9,12 +9,29 @@ longer exist; every other point does, so a candidate span ``(a, b]`` can be trie
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from rba_store.approx.surgery import SpanMap, check_span_maps
+
+
+def walk(
+    start: int, n_blocks: int, replaced: dict[int, tuple[int, Any]], block: Callable[[int], Any]
+) -> Iterator[tuple[Any, int]]:
+    """From point ``start``: each original block (``block(k)``) or the map replacing the span
+    that starts there (``replaced[k] = (end, module)``), with the point it ends at."""
+    k = start
+    while k < n_blocks:
+        if k in replaced:
+            end, module = replaced[k]
+            yield module, end
+            k = end
+        else:
+            yield block(k), k + 1
+            k += 1
 
 
 class SplitNetwork:
@@ -37,15 +54,7 @@ class SplitNetwork:
 
     def steps(self, start: int) -> Iterator[tuple[nn.Module, int]]:
         """The modules from point ``start`` on, each with the point it ends at."""
-        k = start
-        while k < self.n_blocks:
-            if k in self._replaced:
-                end, module = self._replaced[k]
-                yield module, end
-                k = end
-            else:
-                yield self.model.blocks[k], k + 1
-                k += 1
+        return walk(start, self.n_blocks, self._replaced, lambda k: self.model.blocks[k])
 
     @torch.inference_mode()
     def stem(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,10 @@ def rebuild_model(
     ``checkpoint`` points at the weights file when it has moved since the extraction; random
     weights are read back from ``store``, where the extractor kept them.
     """
+    if model.get("family") == "language":  # a Hugging Face decoder in its folder
+        from rba_store.approx.language_eval import rebuild_language_model
+
+        return rebuild_language_model(model, checkpoint)
     weights = model["weights"]
     source = weights["source"]
     name = model["name"]

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from rba_store.approx.decoder import replace_decoder_spans
 from rba_store.approx.evaluate import Classifier
 from rba_store.approx.rebuild import build_architecture, rebuild_model
 from rba_store.approx.surgery import SpanMap, replace_spans
@@ -41,19 +42,20 @@ def write_approximated(
     With a linear-probe ``classifier`` the probe becomes the model's head, so that the saved
     model predicts what ``evaluate`` measured.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file, save_model
 
     store = Store.coerce(store)
     description = store.description
     loaded = rebuild_model(description["model"], checkpoint, store)
-    model = replace_spans(loaded.module, maps)
+    language = loaded.family == "language"
+    model = (replace_decoder_spans if language else replace_spans)(loaded.module, maps)
     probe = classifier is not None and classifier.kind == "probe"
     if probe:
         assert classifier is not None
         model.head = classifier.as_head()
     out = Path(out)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    recipe = {
+    recipe: dict[str, Any] = {
         "format_version": RECIPE_VERSION,
         "base_model": description["model"],
         "data_config": loaded.data_config,
@@ -68,7 +70,11 @@ def write_approximated(
         ],
     }
     with _staged_folder(out) as staging:
-        save_file(state, str(staging / "model.safetensors"))
+        if language:  # tied embeddings share memory: save_model keeps one copy
+            save_model(model, str(staging / "model.safetensors"))
+            loaded.tokenizer.save_pretrained(str(staging))  # AutoTokenizer.from_pretrained(out)
+        else:
+            save_file(state, str(staging / "model.safetensors"))
         (staging / "recipe.json").write_text(json.dumps(normalize(recipe), indent=2))
     return out
 
@@ -148,6 +154,8 @@ def load_approximated(path: str | Path) -> nn.Module:
 
     recipe = read_recipe(path)
     base = dict(recipe["base_model"])
+    if base.get("family") == "language":
+        return _load_decoder(path, base, recipe["spans"])
     head = recipe.get("classifier", {"kind": "head"})
     if head["kind"] == "probe":  # the probe is the head: its own number of classes
         base["num_classes"] = head["num_classes"]
@@ -161,4 +169,27 @@ def load_approximated(path: str | Path) -> nn.Module:
     ]
     model = replace_spans(module, maps)
     model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
+    return model.eval()
+
+
+def _load_decoder(path: str | Path, base: dict[str, Any], spans: list[dict[str, Any]]) -> nn.Module:
+    """A Hugging Face decoder with its spans replaced, from its config and ``model.safetensors``
+    (``generate()`` works; the tokenizer is in the same folder)."""
+    from safetensors.torch import load_model
+
+    from rba_store.extract.language_model import _transformers
+
+    transformers = _transformers()
+    settings = dict(base["config"])
+    config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+    module = transformers.AutoModelForCausalLM.from_config(config)
+    width = int(config.hidden_size)
+    maps = [
+        SpanMap(tuple(s["span"]))  # type: ignore[arg-type]
+        if s["kind"] == "identity"
+        else SpanMap(tuple(s["span"]), np.zeros((width, width)), np.zeros(width))  # type: ignore[arg-type]
+        for s in spans
+    ]
+    model = replace_decoder_spans(module, maps)
+    load_model(model, str(Path(path) / "model.safetensors"), strict=True)
     return model.eval()

@@ -18,16 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from rba_store.approx.evaluate import Classifier, Variant, choose_classifier, evaluate_variants
-from rba_store.approx.network import SplitNetwork
+from rba_store.approx.evaluate import Variant, evaluate_variants
 from rba_store.approx.rebuild import held_out_source, rebuild_model
 from rba_store.approx.refit import changed_sources, refit_maps
 from rba_store.approx.surgery import SpanMap
-from rba_store.errors import DataSourceError, UsageError
-from rba_store.extract.data import DataSource, make_preprocess
+from rba_store.approx.validation import Score, validation_for
+from rba_store.errors import UsageError
 from rba_store.solve import Solution
 from rba_store.store import FITS, Store
 
@@ -40,6 +38,7 @@ class SelectOptions:
     """Everything ``rba-store select`` can be asked for."""
 
     max_drop: float = 1.0  # points of validation accuracy below the original
+    max_ppl_increase: float | None = None  # language models: relative validation perplexity
     max_blocks: int | None = None
     max_span: int = 2
     candidates: int | None = None  # only the best K spans by the statistics; None: all
@@ -52,6 +51,11 @@ class SelectOptions:
     name: str = "select"
 
     def check(self, n_blocks: int) -> None:
+        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
+            raise UsageError(
+                f"--max-ppl-increase {self.max_ppl_increase} is invalid; pass a positive "
+                "fraction (0.05: at most 5% above the original's perplexity)"
+            )
         if not 0 <= self.max_drop <= 100:
             raise UsageError(f"--max-drop {self.max_drop} is out of range; pass 0..100 points")
         if self.max_blocks is not None and not 1 <= self.max_blocks < n_blocks:
@@ -88,6 +92,7 @@ class Step:
     val_accuracy: float
     val_agreement: float
     candidates_tried: int
+    val_perplexity: float | None = None  # language models
 
 
 @dataclass
@@ -102,6 +107,7 @@ class Selection:
     fit_names: list[str | None] = field(default_factory=list)
     refitted: dict[Span, Solution] = field(default_factory=dict)
     stop_reason: str = ""
+    original_val_perplexity: float | None = None  # language models
 
 
 def candidate_spans(store: Store, options: SelectOptions) -> list[Span]:
@@ -113,9 +119,9 @@ def candidate_spans(store: Store, options: SelectOptions) -> list[Span]:
         from rba_store.readings import modularity_spans
 
         return modularity_spans(store, options.candidates, options.max_span)
-    from rba_store.stats import run_stats
+    from rba_store.stats import default_stats
 
-    stats, _ = run_stats(store)
+    stats = default_stats(store, options.max_span)  # saved, or with the band of --max-span
     ranked = stats.candidates(max_span=options.max_span, top=options.candidates)
     return [(int(c["span"][0]), int(c["span"][1])) for c in ranked]
 
@@ -126,9 +132,11 @@ def original_maps(store: Store, spans: list[Span]) -> dict[Span, SpanMap]:
 
     missing = [(a, b) for a, b in spans if not store.has_analysis(FITS, f"{a}-{b}")]
     if missing:
-        from rba_store.stats import run_stats
+        from rba_store.stats import default_stats
 
-        run_stats(store)  # one pass (reused when saved): every missing map from its moments
+        # One pass (reused when saved), keeping the joint moments of the band of the longest
+        # span: every missing map in it from the moments, any other streamed.
+        default_stats(store, max(b - a for a, b in missing))
         fit_spans(store, FitOptions(spans=tuple(missing)))
     maps = {}
     for a, b in spans:
@@ -137,63 +145,46 @@ def original_maps(store: Store, spans: list[Span]) -> dict[Span, SpanMap]:
     return maps
 
 
-class _Validation:
-    """The validation split in batches, and the original network's predictions on it."""
-
-    def __init__(
-        self, source: DataSource, preprocess: Any, batch_size: int, classifier: Classifier
-    ) -> None:
-        self.labels = np.asarray(source.labels)
-        self.known = self.labels >= 0
-        if not self.known.any():
-            raise DataSourceError("the validation split has no labels; selection needs them")
-        self.batches = [
-            source.load(start, min(start + batch_size, len(source)), preprocess)
-            for start in range(0, len(source), batch_size)
-        ]
-        self.classifier = classifier
-        self.original: np.ndarray | None = None
-
-    def score(self, predicted: np.ndarray) -> tuple[float, float]:
-        accuracy = float((predicted[self.known] == self.labels[self.known]).mean())
-        agreement = 1.0 if self.original is None else float((predicted == self.original).mean())
-        return accuracy, agreement
-
-
 # progress(step, candidate, candidates, batch, batches): after each candidate on each batch
 SelectProgress = Callable[[int, int, int, int, int], None]
 
 
 def _try_candidates(
-    net: SplitNetwork,
-    val: _Validation,
+    net: Any,
+    val: Any,
     trials: list[SpanMap],
     progress: Callable[[int, int, int, int], None] | None = None,
-) -> list[tuple[float, float]]:
+) -> list[Score]:
     """Validation accuracy and agreement of the network with each trial map added.
 
     ``progress(candidate, candidates, batch, batches)`` is called after each candidate on each
     batch (1-based)."""
     modules = [m.module() for m in trials]
-    predicted: list[list[np.ndarray]] = [[] for _ in trials]
+    outputs: list[list[Any]] = [[] for _ in trials]
     for j, x in enumerate(val.batches, start=1):
         points = net.all_points(net.stem(x))
         for i, (trial, module) in enumerate(zip(trials, modules, strict=True)):
             a, b = trial.span
             with torch.inference_mode():
                 h = net.run(module(points[a]), b)
-            predicted[i].append(val.classifier.predict_from(net, h))
+            outputs[i].append(val.predict(net, h, j - 1))
             if progress is not None:
                 progress(i + 1, len(trials), j, len(val.batches))
-    return [val.score(np.concatenate(p)) for p in predicted]
+    return [val.score(o) for o in outputs]
 
 
-def _best(trials: list[SpanMap], scores: list[tuple[float, float]], rank_by: str) -> int:
+def _original_score(net: Any, val: Any) -> Score:
+    """The original network's score on the validation split (kept for agreement)."""
+    outputs = [val.predict(net, net.run(net.stem(x), 0), j) for j, x in enumerate(val.batches)]
+    return val.keep_original(outputs)
+
+
+def _best(trials: list[SpanMap], scores: list[Score], rank_by: str) -> int:
     """The trial with the best validation agreement (or accuracy), then the other, then the
     longer span."""
 
     def key(i: int) -> tuple[float, float, int]:
-        accuracy, agreement = scores[i]
+        accuracy, agreement = scores[i].accuracy, scores[i].agreement
         first, second = (accuracy, agreement) if rank_by == "accuracy" else (agreement, accuracy)
         return first, second, trials[i].span[1] - trials[i].span[0]
 
@@ -218,18 +209,18 @@ def select_spans(
     description = store.description
     options.check(store.layout.n_blocks)
     loaded = rebuild_model(description["model"], checkpoint, store)
-    model = loaded.module
-    classifier = choose_classifier(store, options.classifier)
-    source = held_out_source(description["data"], "val")
-    val = _Validation(source, make_preprocess(loaded.data_config), options.batch_size, classifier)
-    net = SplitNetwork(model)
-    val.original = np.concatenate(
-        [classifier.predict_from(net, net.run(net.stem(x), 0)) for x in val.batches]
-    )
-    base, _ = val.score(val.original)
+    language = loaded.family == "language"
+    if language and options.refit:
+        raise UsageError("--refit is not available for language models yet; drop it")
+    if not language and options.max_ppl_increase is not None:
+        raise UsageError("--max-ppl-increase is for language models; use --max-drop")
+    val, net = validation_for(store, loaded, options.classifier, options.batch_size)
+    original = _original_score(net, val)
+    base = original.accuracy
     spans = candidate_spans(store, options)
     fitted = original_maps(store, spans) if options.maps != "identity" else {}
-    selection = Selection(options, len(source), base)
+    n_val = sum(len(x) for x in val.batches)
+    selection = Selection(options, n_val, base, original_val_perplexity=original.perplexity)
     limit = options.max_blocks or store.layout.n_blocks - 1
     removed = 0
     while True:
@@ -253,20 +244,19 @@ def select_spans(
         scores = _try_candidates(net, val, trials, step_progress)
 
         best = _best(trials, scores, options.rank_by)
-        accuracy, agreement = scores[best]
-        if accuracy < base - options.max_drop / 100 - 1e-12:
-            a, b = trials[best].span
-            selection.stop_reason = (
-                f"the best next span ({a}:{b}) would leave {100 * accuracy:.2f}% validation "
-                f"accuracy, more than {options.max_drop:g} point"
-                f"{'' if options.max_drop == 1 else 's'} below {100 * base:.2f}%"
-            )
+        score = scores[best]
+        accuracy, agreement = score.accuracy, score.agreement
+        stop = _stop_reason(trials[best].span, score, original, options)
+        if stop:
+            selection.stop_reason = stop
             break
         chosen = trials[best]
         net = net.with_map(chosen)
         removed += chosen.span[1] - chosen.span[0]
         kind = "identity" if chosen.t is None else "linear"
-        selection.steps.append(Step(chosen.span, kind, removed, accuracy, agreement, len(trials)))
+        selection.steps.append(
+            Step(chosen.span, kind, removed, accuracy, agreement, len(trials), score.perplexity)
+        )
         selection.maps.append(chosen)
         a, b = chosen.span
         if kind == "identity":
@@ -281,6 +271,26 @@ def select_spans(
             break
     _save_refitted(store, selection)
     return selection
+
+
+def _stop_reason(span: Span, score: Score, original: Score, options: SelectOptions) -> str:
+    """Why the best next span is not taken ("" when it is)."""
+    a, b = span
+    base = original.accuracy
+    if score.accuracy < base - options.max_drop / 100 - 1e-12:
+        return (
+            f"the best next span ({a}:{b}) would leave {100 * score.accuracy:.2f}% validation "
+            f"accuracy, more than {options.max_drop:g} point"
+            f"{'' if options.max_drop == 1 else 's'} below {100 * base:.2f}%"
+        )
+    limit = options.max_ppl_increase
+    ppl, base_ppl = score.perplexity, original.perplexity
+    if limit is not None and ppl and base_ppl and ppl > base_ppl * (1 + limit) + 1e-12:
+        return (
+            f"the best next span ({a}:{b}) would raise validation perplexity to {ppl:.4g}, "
+            f"more than {100 * limit:g}% above {base_ppl:.4g}"
+        )
+    return ""
 
 
 def _save_refitted(store: Store, selection: Selection) -> None:
@@ -320,7 +330,8 @@ def evaluate_path(
         if any(m.t is not None for m in maps):
             identity = [SpanMap(m.span) for m in maps]
             variants.append(Variant(f"identity -{step.blocks_removed}", identity))
-    test = held_out_source(store.description["data"], "test")
+    language = store.description["model"].get("family") == "language"
+    test = None if language else held_out_source(store.description["data"], "test")
     return evaluate_variants(
         store,
         variants,
@@ -337,6 +348,7 @@ def to_json(selection: Selection) -> dict[str, Any]:
         "options": asdict(selection.options),
         "val_samples": selection.val_samples,
         "original_val_accuracy": selection.original_val_accuracy,
+        "original_val_perplexity": selection.original_val_perplexity,
         "steps": [asdict(s) | {"span": list(s.span)} for s in selection.steps],
         "stop_reason": selection.stop_reason,
     }

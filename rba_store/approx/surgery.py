@@ -109,8 +109,11 @@ def _cpu_attention_flops(
     return int(sdpa_flop_count(query_shape, key_shape, value_shape))
 
 
-def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """FLOPs of one forward pass on one input, counted by ``torch.utils.flop_counter``.
+def count_flops(
+    model: nn.Module, input_shape: Sequence[int] = (), example: torch.Tensor | None = None
+) -> int:
+    """FLOPs of one forward pass on one input (zeros of ``input_shape``, or ``example``, e.g.
+    token ids), counted by ``torch.utils.flop_counter``.
 
     The counter convention: 2 per multiply-add of matrix products and convolutions (norms,
     softmax and activations are not counted). torch's counter has no formula for the CPU's fused
@@ -119,7 +122,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
-    x = torch.zeros(1, *input_shape, device=device)
+    x = torch.zeros(1, *input_shape, device=device) if example is None else example.to(device)
     mapping = {}
     cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_attention is not None:

@@ -26,13 +26,13 @@ def sweep_spans(
 
     Removed blocks that are consecutive form one span, replaced by one map.
     """
-    from rba_store.stats import BlockStats, run_stats
+    from rba_store.stats import BlockStats, default_stats
 
     if max_blocks is not None and max_blocks < 1:
         raise UsageError(f"--max-blocks {max_blocks} is invalid; pass a positive number")
     store = Store.coerce(store)
     if stats_name is None:
-        stats, _ = run_stats(store)
+        stats = default_stats(store)  # saved (any band), or computed with the default band
     else:
         saved = store.read_analysis(STATS, stats_name)
         if saved is None:

@@ -65,12 +65,14 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 class Tokens(str, Enum):
     all = "all"
-    cls = "cls"
+    cls = "cls"  # vision models with a class token
+    last = "last"  # language models: the last position of each window
 
 
 class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
+    bfloat16 = "bfloat16"
 
 
 class Classifier(str, Enum):
@@ -115,7 +117,9 @@ CheckpointOpt = Annotated[
 ]
 TokensOpt = Annotated[
     Tokens | None,
-    typer.Option(help="Token vectors: all or cls [what the store holds].", show_default=False),
+    typer.Option(
+        help="Token vectors: all, cls or last [what the store holds].", show_default=False
+    ),
 ]
 AllowIncompleteOpt = Annotated[
     bool, typer.Option(help="Use the complete shards of an unfinished store.")
@@ -172,6 +176,12 @@ class Source(str, Enum):
     auto = "auto"
     moments = "moments"
     activations = "activations"
+
+
+class CkaPairs(str, Enum):
+    auto = "auto"
+    band = "band"
+    all = "all"
 
 
 def check_folder(path: Path | None, flag: str) -> None:

@@ -87,13 +87,19 @@ def apply(
             "nothing to apply; pass --fit NAME (see 'rba-store info'), --identity a:b or "
             "--selection FILE"
         )
-    head = choose_classifier(opened, classifier.value)
+    language = opened.description["model"].get("family") == "language"
+    head = None if language else choose_classifier(opened, classifier.value)
     write_approximated(opened, maps, names, out, checkpoint=checkpoint, classifier=head)
     model = load_approximated(out)
     spans = ", ".join(f"{m.span[0]}:{m.span[1]}" for m in maps)
+    kept = (
+        f"{model.config.num_hidden_layers} decoder layers (tokenizer saved beside)"
+        if language
+        else f"{len(model.blocks)} modules in .blocks"
+    )
     typer.echo(
         f"wrote {out}/model.safetensors and {out}/recipe.json: spans {spans} replaced, "
-        f"{count_parameters(model):,} parameters, {len(model.blocks)} modules in .blocks\n"
+        f"{count_parameters(model):,} parameters, {kept}\n"
         "load it with: from rba_store.approx.recipe import load_approximated; "
         f"model = load_approximated({str(out)!r})"
     )

@@ -45,6 +45,14 @@ def select(
     max_drop: Annotated[
         float, typer.Option(help="Stop before validation accuracy falls more points than this.")
     ] = 1.0,
+    max_ppl_increase: Annotated[
+        float | None,
+        typer.Option(
+            help="Language models: also stop before validation perplexity rises more than this "
+            "fraction above the original's (0.05: 5%).",
+            show_default=False,
+        ),
+    ] = None,
     max_blocks: Annotated[int | None, typer.Option(help="Remove at most this many blocks.")] = None,
     max_span: Annotated[int, typer.Option(help="Longest span (blocks) one map replaces.")] = 2,
     candidates: Annotated[
@@ -85,6 +93,7 @@ def select(
     opened = Store.open(store)
     options = SelectOptions(
         max_drop=max_drop,
+        max_ppl_increase=max_ppl_increase,
         max_blocks=max_blocks,
         max_span=max_span,
         candidates=candidates,
@@ -123,6 +132,8 @@ def select(
 
 
 def _format(selection: Any, report: dict[str, Any]) -> str:
+    if report.get("task") == "language":
+        return _format_language(selection, report)
     rows = {v["name"]: v for v in report["variants"]}
     original = rows["original"]
     lines = [
@@ -144,6 +155,34 @@ def _format(selection: Any, report: dict[str, Any]) -> str:
             f"{100 * step.val_accuracy:>7.2f}% {100 * step.val_agreement:>8.1f}% "
             f"{100 * row['accuracy']:>7.2f}% {ident_acc} {row['params']:>9,} "
             f"{row['flops'] / 1e6:>7.2f} {row['images_per_s']:>7,.0f}"
+        )
+    lines.append(f"stopped: {selection.stop_reason}")
+    return "\n".join(lines)
+
+
+def _format_language(selection: Any, report: dict[str, Any]) -> str:
+    rows = {v["name"]: v for v in report["variants"]}
+    original = rows["original"]
+    lines = [
+        f"greedy selection on {selection.val_samples} validation windows (original next-token "
+        f"accuracy {100 * selection.original_val_accuracy:.2f}%, perplexity "
+        f"{selection.original_val_perplexity:.4g}); test: {report['test_windows']} windows",
+        f"{'step':>4} {'span':>6} {'map':<9} {'removed':>7} {'val acc':>8} {'val ppl':>9} "
+        f"{'test acc':>8} {'test ppl':>9} {'ident ppl':>9} {'params':>11} {'tok/s':>9}",
+        f"{0:>4} {'-':>6} {'-':<9} {0:>7} {100 * selection.original_val_accuracy:>7.2f}% "
+        f"{selection.original_val_perplexity:>9.4g} {100 * original['accuracy']:>7.2f}% "
+        f"{original['perplexity']:>9.4g} {'':>9} {original['params']:>11,} "
+        f"{original['tokens_per_s']:>9,.0f}",
+    ]
+    for i, step in enumerate(selection.steps, start=1):
+        row = rows[f"selected -{step.blocks_removed}"]
+        ident = rows.get(f"identity -{step.blocks_removed}")
+        ident_ppl = f"{ident['perplexity']:>9.4g}" if ident else f"{'-':>9}"
+        lines.append(
+            f"{i:>4} {f'{step.span[0]}:{step.span[1]}':>6} {step.kind:<9} {step.blocks_removed:>7} "
+            f"{100 * step.val_accuracy:>7.2f}% {step.val_perplexity:>9.4g} "
+            f"{100 * row['accuracy']:>7.2f}% {row['perplexity']:>9.4g} {ident_ppl} "
+            f"{row['params']:>11,} {row['tokens_per_s']:>9,.0f}"
         )
     lines.append(f"stopped: {selection.stop_reason}")
     return "\n".join(lines)

@@ -33,10 +33,18 @@ def _default_out(model: str | None, data: str, split: str | None) -> Path:
 @app.command()
 def extract(
     model: Annotated[
-        str | None, typer.Option(help="timm model name; the embedded default when omitted.")
+        str | None,
+        typer.Option(
+            help="timm model name, or a folder with a Hugging Face causal LM (config.json, "
+            "weights, tokenizer); the embedded default when omitted."
+        ),
     ] = None,
     data: Annotated[
-        str, typer.Option(help="'digits', an image folder, or a .npz file with an array 'x'.")
+        str,
+        typer.Option(
+            help="'digits', an image folder, or a .npz file with an array 'x'; for a language "
+            "model: a .txt file, a folder of text files, or a .jsonl file with 'text'."
+        ),
     ] = "digits",
     out: Annotated[
         Path | None, typer.Option(help="Store directory [default: runs/<model>_<data>.zarr].")
@@ -51,9 +59,20 @@ def extract(
         str | None, typer.Option(help="Data split: train/val/test (digits), a sub-folder name.")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
-    tokens: Annotated[Tokens, typer.Option(help="Store all tokens, or the class token only.")] = (
-        Tokens.all
-    ),
+    tokens: Annotated[
+        Tokens,
+        typer.Option(
+            help="Store all tokens, the class token only (vision) or the last position of each "
+            "window (language)."
+        ),
+    ] = Tokens.all,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Language models: tokens per window [min(256, the model's context)].",
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[DType, typer.Option(help="Stored dtype.")] = DType.float32,
     codec: Annotated[Codec, typer.Option(help="Compression codec (lossless).")] = Codec.blosc_zstd,
     clevel: Annotated[int, typer.Option(help="Compression level.")] = 3,
@@ -136,6 +155,7 @@ def extract(
         store_activations=not no_activations,
         stats_holdout=holdout,
         stats_holdout_seed=holdout_seed,
+        seq_len=seq_len,
     )
     out = out or _default_out(model, data, split)
     check_store_out(out)
@@ -188,9 +208,10 @@ def extract(
                 f"; {info['shards_complete']}/{layout.n_shards} shards complete so far "
                 "(other workers fill the rest)"
             )
+        unit = "windows" if plan.loaded.family == "language" else "img"
         head = (
             f"extracted {result.samples_written} samples in {result.seconds:.1f} s "
-            f"({rate:,.0f} img/s) into {out}{resumed}"
+            f"({rate:,.0f} {unit}/s) into {out}{resumed}"
         )
     if plan.random_weights:
         _warn_random_weights(plan)
@@ -273,7 +294,8 @@ def _dry_run(plan: Any, out: Path, shape: str) -> str:
         p = sum(point.n_channels for point in layout.points)
         sets = " x 2 (--holdout)" if options.stats_holdout else ""
         lines.append(
-            f"  statistics  joint moments {p:,} x {p:,} float64{sets}: "
+            f"  statistics  joint moments of {p:,} channels in float64{sets}, "
+            f"{sizes['moments_pairs']} of {sizes['moments_total_pairs']} pairs of points: "
             f"{mb(sizes['moments_bytes'])} saved in the store, about "
             f"{mb(sizes['moments_peak_bytes'])} of memory while folding a shard"
         )

@@ -19,6 +19,7 @@ from rba_store.errors import ModelError
 from rba_store.extract.models import LoadedModel, find_blocks, has_class_token
 
 TOKENS = ("all", "cls")
+LANGUAGE_TOKENS = ("all", "last")
 
 
 @dataclass
@@ -108,5 +109,55 @@ class ActivationCapture:
     def _hook(store: dict[int, Any], idx: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             store[idx] = output
+
+        return hook
+
+
+class DecoderCapture:
+    """The residual stream of a causal language model (Hugging Face decoder), one forward pass.
+
+    A pre-hook on the first layer takes ``h0`` (its input); a hook on every layer its output, so
+    ``hL`` is the last layer's output *before* the final norm. ``features`` are what the LM head
+    sees at the last position (the final norm of ``hL`` there). ``tokens="last"`` keeps only the
+    last position of each window (as ShortGPT and Gromov et al. measure).
+    """
+
+    method = "hooks"
+
+    def __init__(self, loaded: LoadedModel, tokens: str = "all") -> None:
+        from rba_store.extract.language_model import decoder_parts
+
+        if tokens not in LANGUAGE_TOKENS:
+            raise ModelError(
+                f"--tokens {tokens!r} is not valid for a language model; use all or last"
+            )
+        self.model, self.tokens = loaded.module, tokens
+        _, self.layers, self.norm = decoder_parts(self.model)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> Captured:
+        captured: dict[int, torch.Tensor] = {}
+
+        def first_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured[0] = args[0] if args else kwargs["hidden_states"]
+
+        handles = [self.layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+        for idx, layer in enumerate(self.layers, start=1):
+            handles.append(layer.register_forward_hook(self._hook(captured, idx)))
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        points = [captured[k] for k in range(len(self.layers) + 1)]
+        features = self.norm(points[-1][:, -1:]).flatten(1)
+        if self.tokens == "last":
+            points = [p[:, -1:] for p in points]
+        return Captured(points, features, [tuple(p.shape[1:]) for p in points])
+
+    @staticmethod
+    def _hook(store: dict[int, Any], idx: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            store[idx] = output[0] if isinstance(output, tuple | list) else output
 
         return hook

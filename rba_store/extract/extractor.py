@@ -24,7 +24,8 @@ import numpy as np
 from rba_store.errors import StoreError, UsageError
 from rba_store.extract.plan import ExtractionPlan
 from rba_store.extract.streamed_stats import StreamedStats
-from rba_store.store import FEATURES, LABEL, SAMPLE_ID, Store, h_name
+from rba_store.store import FEATURES, INPUT_IDS, LABEL, SAMPLE_ID, Store, h_name
+from rba_store.store.layout import encode_values
 
 logger = logging.getLogger(__name__)
 
@@ -136,20 +137,22 @@ def _batches(plan: ExtractionPlan, shards: list[int]) -> Iterator[tuple[int, int
 
 def shard_buffer(plan: ExtractionPlan, shard_idx: int) -> dict[str, np.ndarray]:
     """Empty arrays for one shard of every array (labels and ids filled), as the writer takes."""
-    from rba_store.store.layout import encode_sample_ids
+    from rba_store.store.layout import encode_sample_ids, storage_dtype
 
     layout = plan.layout
     start, stop = layout.shard_rows(shard_idx)
     rows = stop - start
     buffer = {
-        h_name(k): np.empty((rows, p.n_tokens, p.n_channels), layout.dtype)
+        h_name(k): np.empty((rows, p.n_tokens, p.n_channels), storage_dtype(layout.dtype))
         for k, p in enumerate(layout.points)
     }
-    buffer[FEATURES] = np.empty((rows, layout.n_features), layout.dtype)
+    buffer[FEATURES] = np.empty((rows, layout.n_features), storage_dtype(layout.dtype))
     buffer[LABEL] = plan.source.labels[start:stop]
     width = layout.sample_id_bytes
     assert width is not None, "plan_layout always sizes the sample_id array"
     buffer[SAMPLE_ID] = encode_sample_ids(plan.source.sample_ids[start:stop], width)
+    if layout.seq_len is not None:  # filled batch by batch, like the activations
+        buffer[INPUT_IDS] = np.empty((rows, layout.seq_len), np.int32)
     return buffer
 
 
@@ -204,9 +207,13 @@ def run_extraction(
                 captured = plan.capture(inputs.to(device))
                 offset = start - plan.layout.shard_rows(shard_idx)[0]
                 rows = slice(offset, offset + stop - start)
+                dtype = plan.layout.dtype
                 for k, point in enumerate(captured.points):
-                    buffer[h_name(k)][rows] = point.cpu().numpy()
-                buffer[FEATURES][rows] = captured.features.cpu().numpy()
+                    buffer[h_name(k)][rows] = encode_values(point.cpu().float().numpy(), dtype)
+                features = captured.features.cpu().float().numpy()
+                buffer[FEATURES][rows] = encode_values(features, dtype)
+                if INPUT_IDS in buffer:
+                    buffer[INPUT_IDS][rows] = inputs.numpy()
                 samples += stop - start
                 if progress is not None:
                     progress(stop - start, (stop - start) * plan.layout.sample_bytes())

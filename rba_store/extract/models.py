@@ -27,8 +27,14 @@ class LoadedModel:
     weights: dict[str, Any]  # {"source": "embedded"|"checkpoint"|"pretrained"|"random", ...}
     data_config: dict[str, Any] = field(default_factory=dict)
     block_names: list[str] = field(default_factory=list)
+    family: str = "vision"  # or "language": a Hugging Face decoder (extract/language_model.py)
+    tokenizer: Any = None  # a language model's tokenizer
 
     def describe(self) -> dict[str, Any]:
+        if self.family == "language":
+            from rba_store.extract.language_model import describe_language_model
+
+            return describe_language_model(self)
         module = self.module
         return {
             "name": self.name,

@@ -14,6 +14,7 @@ import torch
 from rba_store.errors import UsageError
 from rba_store.extract.capture import ActivationCapture
 from rba_store.extract.data import DataSource, Preprocess, make_preprocess, open_source
+from rba_store.extract.language_model import is_language_model_dir
 from rba_store.extract.models import LoadedModel, build_model
 from rba_store.store import (
     FORMAT_VERSION,
@@ -57,6 +58,7 @@ class ExtractOptions:
     stats_holdout_seed: int = 0
     num_workers: int = 1  # processes filling the same store, each its own shards
     worker_index: int = 0
+    seq_len: int | None = None  # language models: tokens per window (default: min(256, context))
 
 
 @dataclass
@@ -67,7 +69,7 @@ class ExtractionPlan:
     loaded: LoadedModel
     source: DataSource
     capture: ActivationCapture
-    preprocess: Preprocess
+    preprocess: Preprocess | None  # None for text: the windows are model inputs already
     layout: StoreLayout
     description: dict[str, Any] = field(default_factory=dict)
     weights_payload: bytes | None = None  # random weights, to be kept in the store
@@ -93,15 +95,16 @@ class ExtractionPlan:
             "peak_bytes_estimate": f32_per_sample * batch + 2 * per_sample * layout.shard_samples,
         }
         if self.options.stats:
-            # The joint moments of [h0 | ... | hL]: a p x p float64 co-moment matrix per set of
-            # rows (two with --holdout); folding a shard holds its float64 rows, its partial, the
-            # accumulator and the merge's temporaries (about 4 matrices per set).
-            p = sum(point.n_channels for point in layout.points)
-            sets = 2 if self.options.stats_holdout else 1
-            rows = layout.shard_samples * layout.points[0].n_tokens
-            sizes["moments_bytes"] = sets * 8 * (p * p + p)
-            sizes["moments_peak_bytes"] = 4 * sizes["moments_bytes"] + 8 * rows * p
-            sizes["peak_bytes_estimate"] += sizes["moments_peak_bytes"]
+            # The joint moments of [h0 | ... | hL] that extract --stats keeps (every pair of
+            # points, or a band of them for wide, deep models), per set of rows (two with
+            # --holdout), and the memory of folding the shards (rba_store/stats/memory.py).
+            from rba_store.extract.streamed_stats import streamed_cost
+
+            _, cost = streamed_cost(layout, bool(self.options.stats_holdout))
+            sizes["moments_bytes"] = cost.partial
+            sizes["moments_peak_bytes"] = cost.peak
+            sizes["moments_pairs"], sizes["moments_total_pairs"] = cost.pairs, cost.total_pairs
+            sizes["peak_bytes_estimate"] += cost.peak
         return sizes
 
 
@@ -168,6 +171,15 @@ def _check_options(options: ExtractOptions) -> None:
 def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
     """Build the model and the data source and probe the shapes, without touching any store."""
     _check_options(options)
+    if is_language_model_dir(options.model):
+        return _plan_language(options)
+    language_only = {"--seq-len": options.seq_len, "--tokens last": options.tokens == "last"}
+    for flag, value in language_only.items():
+        if value:
+            raise UsageError(
+                f"{flag} is for language models (--model DIR holding a Hugging Face config.json); "
+                "drop it for a vision model"
+            )
     source = open_source(
         options.data, options.split, options.limit, skip_unreadable=options.skip_unreadable
     )
@@ -179,6 +191,60 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
     )
     capture = ActivationCapture(loaded, options.tokens)
     preprocess = make_preprocess(loaded.data_config)
+    preprocessing = "none (inputs given as arrays)" if source.preprocessed else loaded.data_config
+    return _finish_plan(options, loaded, source, capture, preprocess, preprocessing)
+
+
+def _plan_language(options: ExtractOptions) -> ExtractionPlan:
+    """A Hugging Face decoder over text windows (see extract/language_model.py and text.py)."""
+    from rba_store.extract.capture import DecoderCapture
+    from rba_store.extract.language_model import build_language_model, context_length
+    from rba_store.extract.text import DEFAULT_SEQ_LEN, TextSource
+
+    vision_only = {
+        "--checkpoint": options.checkpoint is not None,
+        "--pretrained": options.pretrained,
+        "--skip-unreadable": options.skip_unreadable,
+        "--tokens cls": options.tokens == "cls",
+    }
+    for flag, given in vision_only.items():
+        if given:
+            raise UsageError(
+                f"{flag} is for vision models; {options.model!r} is a language model (its "
+                "weights are in its folder): drop it"
+                + ("; use --tokens all or last" if "tokens" in flag else "")
+            )
+    if options.data == DEFAULT_DATA:
+        raise UsageError(
+            "a language model reads text: pass --data with a .txt file, a folder of text files "
+            "or a .jsonl file with a 'text' field"
+        )
+    loaded = build_language_model(str(options.model), options.device)
+    context = context_length(loaded.module.config)
+    seq_len = options.seq_len or min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
+    if context is not None and seq_len > context:
+        raise UsageError(
+            f"--seq-len {seq_len} is above the context of {loaded.name!r} ({context} tokens); "
+            f"pass at most {context}"
+        )
+    source = TextSource(options.data, loaded.tokenizer, seq_len, options.split or "train")
+    capture = DecoderCapture(loaded, options.tokens)
+    preprocessing = {"tokenizer": loaded.data_config["tokenizer"], "seq_len": seq_len}
+    return _finish_plan(
+        options, loaded, source.limited(options.limit), capture, None, preprocessing, seq_len
+    )
+
+
+def _finish_plan(
+    options: ExtractOptions,
+    loaded: LoadedModel,
+    source: DataSource,
+    capture: Any,
+    preprocess: Preprocess | None,
+    preprocessing: Any,
+    seq_len: int | None = None,
+) -> ExtractionPlan:
+    """Probe the shapes on one sample, plan the layout and write the description."""
     probe = capture(source.load(0, 1, preprocess).to(options.device))
     points = [
         CapturePoint(p.shape[1], p.shape[2], tuple(s))
@@ -196,6 +262,7 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
         chunk_samples=options.chunk_samples,
         shard_samples=options.shard_samples,
         sample_ids=source.sample_ids,
+        seq_len=seq_len,
     )
     if options.stats:  # refuse a fraction that leaves nothing to fit before any work
         split_holdout(np.arange(layout.n_samples), options.stats_holdout)
@@ -211,9 +278,7 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
         "kind": "activations",
         "model": loaded.describe() | {"capture_method": capture.method},
         "data": source.describe(),
-        "preprocessing": "none (inputs given as arrays)"
-        if source.preprocessed
-        else loaded.data_config,
+        "preprocessing": preprocessing,
         "tokens": options.tokens,
         **({} if options.store_activations else {"activations": NOT_STORED}),
         "dtype": options.dtype,

@@ -15,6 +15,8 @@ With ``--holdout`` the joint moments of the held-out samples are kept apart, exa
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from rba_store.errors import StoreError
@@ -33,6 +35,18 @@ def streamed_band(layout: StoreLayout, holdout: bool = False) -> int | None:
     """The pairs whose joint moments ``extract --stats`` keeps, as ``stats`` chooses them by
     default (every pair when one partial is at most 1 GiB, else spans of up to 4 blocks); a
     configuration that does not fit in memory is refused here, in one line, before any work."""
+    band, cost = streamed_cost(layout, holdout)
+    memory.check_fits(
+        cost.peak,
+        f"extract --stats (joint moments: {cost.describe()})",
+        "extract without --stats and run 'rba-store stats' with a smaller --max-span or "
+        "--no-cka afterwards",
+    )
+    return band
+
+
+def streamed_cost(layout: StoreLayout, holdout: bool = False) -> tuple[int | None, Any]:
+    """The band ``extract --stats`` keeps and the memory it takes (no check)."""
     widths = [p.n_channels for p in layout.points]
     itemsize = 2 if layout.dtype in ("float16", "bfloat16") else 4
     t = layout.points[0].n_tokens
@@ -45,13 +59,7 @@ def streamed_band(layout: StoreLayout, holdout: bool = False) -> int | None:
     band = None if cost(None).partial <= memory.FULL_AUTO_LIMIT else DEFAULT_MAX_SPAN
     if band is not None and band >= len(widths) - 1:
         band = None
-    memory.check_fits(
-        cost(band).peak,
-        f"extract --stats (joint moments: {cost(band).describe()})",
-        "extract without --stats and run 'rba-store stats' with a smaller --max-span or "
-        "--no-cka afterwards",
-    )
-    return band
+    return band, cost(band)
 
 
 class StreamedStats:

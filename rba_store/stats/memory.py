@@ -236,5 +236,3 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.select_span,
         )
     )
-
-

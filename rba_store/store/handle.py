@@ -23,9 +23,12 @@ from rba_store.store import analyses, claims
 from rba_store.store.fingerprint import describe_differences, fingerprint, normalize
 from rba_store.store.layout import (
     ATTRS_KEY,
+    BFLOAT16,
     CLAIMS_GROUP,
+    DTYPE_ATTR,
     FEATURES,
     FORMAT_VERSION,
+    INPUT_IDS,
     LABEL,
     LEDGER_PATH,
     NOT_STORED,
@@ -36,8 +39,10 @@ from rba_store.store.layout import (
     StoreLayout,
     compressors,
     decode_sample_ids,
+    decode_values,
     dims_of,
     h_name,
+    storage_dtype,
 )
 
 MODES = ("r", "r+")
@@ -112,6 +117,7 @@ class Store:
         h_dims, feature_dims = dims_of(layout)
         n, chunk, shard = layout.n_samples, layout.chunk_samples, layout.shard_samples
         points = layout.points if description.get("activations") != NOT_STORED else ()
+        bf16 = {DTYPE_ATTR: BFLOAT16} if layout.dtype == BFLOAT16 else {}
         for k, point in enumerate(points):
             shape = (n, point.n_tokens, point.n_channels)
             group.create_array(
@@ -119,21 +125,33 @@ class Store:
                 shape=shape,
                 chunks=(chunk, *shape[1:]),
                 shards=(shard, *shape[1:]),
-                dtype=layout.dtype,
+                dtype=storage_dtype(layout.dtype),
                 compressors=comp,
                 fill_value=0,
                 dimension_names=h_dims[k],
-                attributes={"source_shape": list(point.source_shape)},
+                attributes={"source_shape": list(point.source_shape)} | bf16,
             )
         group.create_array(
             FEATURES,
             shape=(n, layout.n_features),
             chunks=(shard, layout.n_features),
-            dtype=layout.dtype,
+            dtype=storage_dtype(layout.dtype),
             compressors=comp,
             fill_value=0,
             dimension_names=feature_dims,
+            attributes=bf16,
         )
+        if layout.seq_len is not None:  # a language model's windows: the labels of the rows
+            group.create_array(
+                INPUT_IDS,
+                shape=(n, layout.seq_len),
+                chunks=(shard, layout.seq_len),
+                dtype="int32",
+                compressors=compressors("zstd", 3),
+                fill_value=-1,
+                dimension_names=(SAMPLE_DIM, "position"),
+                attributes={"description": "token ids of each window; position t predicts t+1"},
+            )
         group.create_array(
             LABEL,
             shape=(n,),
@@ -253,7 +271,8 @@ class Store:
     def read_points(self, points: Sequence[int], start: int, stop: int) -> list[np.ndarray]:
         """``h_k[start:stop]`` for every k in ``points``."""
         self._require_activations()
-        return [self.point(k)[start:stop] for k in points]
+        dtype = self.layout.dtype
+        return [decode_values(self.point(k)[start:stop], dtype) for k in points]
 
     def _require_activations(self) -> None:
         if not self.holds_activations:

@@ -7,7 +7,10 @@ from typing import Any
 
 from rba_store.store.analyses import FITS, STATS
 from rba_store.store.handle import Store
-from rba_store.store.layout import FEATURES, LABEL, SAMPLE_ID
+from rba_store.store.layout import FEATURES, INPUT_IDS, LABEL, SAMPLE_ID
+
+# Every kind of saved analysis (modularity and probe: rba_store/readings)
+ANALYSIS_KINDS = (STATS, FITS, "modularity", "probe")
 
 
 def store_info(store: Store | str | Path) -> dict[str, Any]:
@@ -17,7 +20,8 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
     arrays: dict[str, dict[str, Any]] = {}
     stored_total = raw_total = 0
     names = store.activation_names
-    for name in [*names, FEATURES, LABEL, SAMPLE_ID]:
+    extra = [INPUT_IDS] if layout.seq_len is not None else []
+    for name in [*names, FEATURES, *extra, LABEL, SAMPLE_ID]:
         array = store.array(name)
         stored = int(array.nbytes_stored())
         raw = int(array.nbytes) if name != SAMPLE_ID else 0
@@ -63,8 +67,8 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
         "preprocessing": description["preprocessing"],
         "versions": description["versions"],
         "run": description.get("run", {}),
-        "analyses": {kind: store.list_analyses(kind) for kind in (STATS, FITS)},
-        "bytes_analyses": _bytes_below(store.root, (STATS, FITS)),
+        "analyses": {kind: store.list_analyses(kind) for kind in ANALYSIS_KINDS},
+        "bytes_analyses": _bytes_below(store.root, ANALYSIS_KINDS),
         "activations": store.holds_activations,
     }
 

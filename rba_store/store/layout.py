@@ -30,6 +30,7 @@ LEDGER_PATH = "ledger/shards"
 CLAIMS_GROUP = "claims"
 NOT_STORED = "not stored"  # description["activations"] of a --no-activations store
 FEATURES, LABEL, SAMPLE_ID = "features", "label", "sample_id"
+INPUT_IDS = "input_ids"  # language models: each window's token ids (sample, position)
 # Weights that come from no file (random initialisation) are kept in the store: the bytes of a
 # safetensors file as a uint8 array, so that every later command rebuilds the very same model.
 WEIGHTS_PATH = "model/weights_safetensors"
@@ -41,7 +42,41 @@ SAMPLE_DIM = "sample"
 SAMPLE_ID_DIMS = (SAMPLE_DIM, "byte")
 DEFAULT_SAMPLE_ID_BYTES = 256  # the width when the ids are not known when the layout is planned
 CODECS = ("blosc-zstd", "zstd", "blosc-lz4", "none")
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
+# bfloat16 is no core Zarr v3 data type (zarr-python 3.1 has none): a bfloat16 store keeps the
+# values' 16 bits as uint16 (the top half of the float32 with the same value, rounded to nearest
+# even), every h array and features carrying the attribute ``rba_store_dtype = "bfloat16"``.
+# :func:`decode_values` (what ``Store.read_points`` returns) gives float32 exactly.
+BFLOAT16 = "bfloat16"
+DTYPE_ATTR = "rba_store_dtype"
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The Zarr (NumPy) dtype that holds values of the store's ``dtype``."""
+    return np.dtype(np.uint16) if dtype == BFLOAT16 else np.dtype(dtype)
+
+
+def encode_values(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Float values as the store keeps them: bfloat16 bits (round to nearest even, NaN kept);
+    other dtypes unchanged (NumPy casts them on assignment)."""
+    if dtype != BFLOAT16:
+        return values
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)  # a quiet NaN, sign kept
+    return out
+
+
+def decode_values(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Values read from an ``h`` array (or ``features``) as floats: bfloat16 bits to float32
+    (exact), other dtypes as read. With xarray: ``(ds.h3.values.astype("uint32") << 16)
+    .view("float32")``."""
+    if dtype != BFLOAT16:
+        return stored
+    return (stored.astype(np.uint32) << 16).view(np.float32)
 
 
 def h_name(point_idx: int) -> str:
@@ -72,6 +107,8 @@ class StoreLayout:
     clevel: int = 3
     # Width of the sample_id array in bytes; None for stores that keep ids as zarr-python strings.
     sample_id_bytes: int | None = DEFAULT_SAMPLE_ID_BYTES
+    # Language models: tokens per window; the store then keeps the windows' ``input_ids``.
+    seq_len: int | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -88,7 +125,7 @@ class StoreLayout:
 
     def sample_bytes(self) -> int:
         """Bytes of one sample over all capture points (uncompressed)."""
-        itemsize = np.dtype(self.dtype).itemsize
+        itemsize = storage_dtype(self.dtype).itemsize
         return sum(p.n_tokens * p.n_channels for p in self.points) * itemsize
 
     def to_attrs(self) -> dict[str, Any]:
@@ -106,6 +143,8 @@ class StoreLayout:
         }
         if self.sample_id_bytes is not None:  # absent from stores that keep ids as strings
             attrs["sample_id_bytes"] = self.sample_id_bytes
+        if self.seq_len is not None:  # absent from vision stores
+            attrs["seq_len"] = self.seq_len
         return attrs
 
     @classmethod
@@ -124,6 +163,7 @@ class StoreLayout:
             codec=attrs["codec"],
             clevel=attrs["clevel"],
             sample_id_bytes=attrs.get("sample_id_bytes"),
+            seq_len=attrs.get("seq_len"),
         )
 
 
@@ -140,6 +180,7 @@ def plan_layout(
     chunk_samples: int | None = None,
     shard_samples: int | None = None,
     sample_ids: Sequence[str] | None = None,
+    seq_len: int | None = None,
 ) -> StoreLayout:
     """Choose chunk and shard sizes: chunks of about ``chunk_mb``, shards of whole chunks.
 
@@ -154,7 +195,7 @@ def plan_layout(
         raise UsageError(f"codec {codec!r} is not supported; use one of {', '.join(CODECS)}")
     if n_samples < 1:
         raise UsageError(f"the data set has {n_samples} samples; at least 1 is needed")
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = storage_dtype(dtype).itemsize
     row_bytes = max(p.n_tokens * p.n_channels for p in points) * itemsize
     if chunk_samples is None:
         target = max(1, int(chunk_mb * 2**20 // row_bytes))
@@ -185,6 +226,7 @@ def plan_layout(
         sample_id_bytes=DEFAULT_SAMPLE_ID_BYTES
         if sample_ids is None
         else sample_id_width(sample_ids),
+        seq_len=seq_len,
     )
 
 

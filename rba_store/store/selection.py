@@ -96,8 +96,13 @@ def usable_samples(store: Store, allow_incomplete: bool) -> np.ndarray:
 def check_tokens(store: Store, tokens: str) -> None:
     """Refuse a token selection the store cannot give."""
     description = store.description
-    if tokens not in ("all", "cls"):
-        raise UsageError(f"--tokens {tokens!r} is not valid; use all or cls")
+    if tokens not in ("all", "cls", "last"):
+        raise UsageError(f"--tokens {tokens!r} is not valid; use all, cls or last")
+    if tokens == "last" and description["tokens"] != "last":
+        raise UsageError(
+            f"--tokens last reads a store extracted with --tokens last, and {str(store)!r} holds "
+            f"--tokens {description['tokens']}; leave --tokens out"
+        )
     if tokens == "all" and description["tokens"] == "cls":
         raise UsageError(
             f"--tokens all needs every token, but {str(store)!r} holds the class token only "
