@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from rba_store.approx.fold_site import DECODER_SITE, MappedOutput, mapped_block
 from rba_store.approx.network import walk
 from rba_store.approx.surgery import SpanMap, check_span_maps
 from rba_store.errors import UsageError
@@ -103,6 +105,14 @@ def replace_decoder_spans(model: nn.Module, maps: Sequence[SpanMap]) -> nn.Modul
     return new.eval()
 
 
+@dataclass(frozen=True)
+class FoldedLayer:
+    """Layer ``index`` with a folded map on its MLP output (a step of :class:`DecoderNetwork`)."""
+
+    index: int
+    layer: nn.Module
+
+
 class DecoderNetwork:
     """The original decoder's layers with ``maps`` in place of their spans (nothing copied).
 
@@ -115,8 +125,19 @@ class DecoderNetwork:
         self.n_blocks = len(self.layers)
         check_span_maps(maps, self.n_blocks, int(model.config.hidden_size))
         self.maps = sorted(maps, key=lambda m: m.span)
-        self._replaced = {m.span[0]: (m.span[1], m.module()) for m in self.maps}
+        self._replaced = dict(self.entry(m) for m in self.maps)
         self._calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def entry(self, span_map: SpanMap) -> tuple[int, tuple[int, Any]]:
+        """``(start, (end, step))`` of a map; a folded map of (a, b] (a >= 1) is layer a with the
+        map on its MLP output, run from a-1 with layer a's call arguments."""
+        a, b = span_map.span
+        if span_map.folded and span_map.t is not None and a >= 1:
+            layer = mapped_block(self.layers[a - 1], DECODER_SITE, span_map.t, span_map.bias)
+            return a - 1, (b, FoldedLayer(a - 1, layer))
+        if span_map.folded and span_map.t is not None:  # on h0: T kept in float64, as folded
+            return a, (b, MappedOutput(nn.Identity(), span_map.t, span_map.bias))
+        return a, (b, span_map.module())
 
     def with_map(self, span_map: SpanMap) -> DecoderNetwork:
         network = DecoderNetwork(self.model, [*self.maps, span_map])
@@ -150,11 +171,19 @@ class DecoderNetwork:
         return calls[0][0]  # type: ignore[return-value]
 
     def _apply(self, step: Any, h: torch.Tensor) -> torch.Tensor:
-        if not isinstance(step, int):
+        if isinstance(step, FoldedLayer):
+            layer, step = step.layer, step.index
+        elif isinstance(step, int):
+            layer = self.layers[step]
+        else:
             return step(h)
         args, kwargs = self._calls[step]
-        out = self.layers[step](h, *args, **kwargs)
+        out = layer(h, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def step_function(self, step: Any) -> Any:
+        """``h -> next h`` for a step (as :meth:`entry` gives it) on the recorded batch."""
+        return lambda h: self._apply(step, h)
 
     @torch.inference_mode()
     def run(self, h: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rba_store.approx.language_eval import (
+    build_variant,
     evaluate_language_variants,
     format_language_report,
     is_language_store,
@@ -59,7 +60,8 @@ def fit_variant(store: Store | str | Path, names: list[str]) -> Variant:
     for name in names:
         ds = load_fit(store, name)
         a, b = ds.attrs["span"]
-        maps.append(SpanMap((int(a), int(b)), ds["T"].values, ds["bias"].values))
+        folded = bool(ds.attrs.get("folded", False))
+        maps.append(SpanMap((int(a), int(b)), ds["T"].values, ds["bias"].values, folded))
     return Variant("+".join(names), maps)
 
 
@@ -180,7 +182,7 @@ def evaluate_variants(
         source = source.limited(limit)
     preprocess = make_preprocess(loaded.data_config)
     models = [("original", loaded.module, [])] + [
-        (v.name, replace_spans(loaded.module, v.maps), v.spans) for v in variants
+        (v.name, build_variant(loaded.module, v.maps, replace_spans), v.spans) for v in variants
     ]
     predictions: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in models}
     first_batch = None

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rba_store.approx.fold_site import VIT_SITE, MappedOutput, mapped_block
 from rba_store.approx.surgery import SpanMap, check_span_maps
 
 
@@ -43,7 +44,23 @@ class SplitNetwork:
         width = int(getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0))
         check_span_maps(maps, self.n_blocks, width)
         self.maps = sorted(maps, key=lambda m: m.span)
-        self._replaced = {m.span[0]: (m.span[1], m.module()) for m in self.maps}
+        self._replaced = dict(self.entry(m) for m in self.maps)
+
+    def entry(self, span_map: SpanMap) -> tuple[int, tuple[int, nn.Module]]:
+        """``(start, (end, module))``: the point a map's module starts from, the one it ends at.
+        A folded map of (a, b] (a >= 1) is block a with the map on its MLP output, from a-1."""
+        a, b = span_map.span
+        if span_map.folded and span_map.t is not None and a >= 1:
+            block = mapped_block(self.model.blocks[a - 1], VIT_SITE, span_map.t, span_map.bias)
+            return a - 1, (b, block)
+        if span_map.folded and span_map.t is not None:  # on h0: T kept in float64, as folded
+            return a, (b, MappedOutput(nn.Identity(), span_map.t, span_map.bias))
+        return a, (b, span_map.module())
+
+    @staticmethod
+    def step_function(step: nn.Module) -> nn.Module:
+        """``h -> next h`` for a step (as :meth:`entry` gives it)."""
+        return step
 
     def with_map(self, span_map: SpanMap) -> SplitNetwork:
         return SplitNetwork(self.model, [*self.maps, span_map])

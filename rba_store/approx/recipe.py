@@ -36,19 +36,26 @@ def write_approximated(
     *,
     checkpoint: str | Path | None = None,
     classifier: Classifier | None = None,
+    fold: bool = False,
 ) -> Path:
     """Build the approximated model of a store's model and write it to the folder ``out``.
 
     With a linear-probe ``classifier`` the probe becomes the model's head, so that the saved
-    model predicts what ``evaluate`` measured.
+    model predicts what ``evaluate`` measured. With ``fold`` the maps are folded into the
+    weights (:mod:`rba_store.approx.fold`): the folder holds the model's own architecture with
+    fewer blocks, ``config.json`` and ``model.safetensors``, loadable without rba-store.
     """
     from safetensors.torch import save_file, save_model
 
+    from rba_store.approx.fold import fold_model, recording_vit_kwargs, vit_config
+
     store = Store.coerce(store)
     description = store.description
-    loaded = rebuild_model(description["model"], checkpoint, store)
+    with recording_vit_kwargs() as vit_kwargs:
+        loaded = rebuild_model(description["model"], checkpoint, store)
     language = loaded.family == "language"
-    model = (replace_decoder_spans if language else replace_spans)(loaded.module, maps)
+    build = fold_model if fold else replace_decoder_spans if language else replace_spans
+    model = build(loaded.module, maps)
     probe = classifier is not None and classifier.kind == "probe"
     if probe:
         assert classifier is not None
@@ -65,18 +72,31 @@ def write_approximated(
         if probe
         else {"kind": "head"},
         "spans": [
-            {"span": list(m.span), "fit": name, "kind": "identity" if m.t is None else "linear"}
+            {"span": list(m.span), "fit": name, "kind": _kind(m)}
             for m, name in zip(maps, fit_names, strict=True)
         ],
     }
+    if fold:
+        recipe["folded"] = True
     with _staged_folder(out) as staging:
-        if language:  # tied embeddings share memory: save_model keeps one copy
+        if fold and language:  # config.json, model.safetensors: from_pretrained loads it
+            model.save_pretrained(str(staging))
+            loaded.tokenizer.save_pretrained(str(staging))
+        elif fold:
+            config = vit_config(model, vit_kwargs[0], description["model"]["name"])
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
+            save_file(state, str(staging / "model.safetensors"))
+        elif language:  # tied embeddings share memory: save_model keeps one copy
             save_model(model, str(staging / "model.safetensors"))
             loaded.tokenizer.save_pretrained(str(staging))  # AutoTokenizer.from_pretrained(out)
         else:
             save_file(state, str(staging / "model.safetensors"))
         (staging / "recipe.json").write_text(json.dumps(normalize(recipe), indent=2))
     return out
+
+
+def _kind(m: SpanMap) -> str:
+    return "identity" if m.t is None else "folded" if m.folded else "linear"
 
 
 def check_model_out(out: str | Path, overwrite: bool) -> None:
@@ -154,6 +174,15 @@ def load_approximated(path: str | Path) -> nn.Module:
 
     recipe = read_recipe(path)
     base = dict(recipe["base_model"])
+    if recipe.get("folded"):  # the standard architecture: loads without rba-store
+        if base.get("family") == "language":
+            from rba_store.extract.language_model import _transformers
+
+            auto = _transformers().AutoModelForCausalLM
+            return auto.from_pretrained(str(path), local_files_only=True).eval()
+        from rba_store.approx.fold import load_folded_vit
+
+        return load_folded_vit(path)
     if base.get("family") == "language":
         return _load_decoder(path, base, recipe["spans"])
     head = recipe.get("classifier", {"kind": "head"})

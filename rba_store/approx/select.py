@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rba_store.approx.evaluate import Variant, evaluate_variants
@@ -49,6 +50,7 @@ class SelectOptions:
     classifier: str = "auto"  # the model's head (auto: when trained for the data) or a probe
     batch_size: int = 256
     name: str = "select"
+    fold: bool = False  # candidates' maps folded into block a's MLP output (fit --fold)
 
     def check(self, n_blocks: int) -> None:
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
@@ -78,6 +80,8 @@ class SelectOptions:
             raise UsageError(f"--maps {self.maps!r} is not valid; use {', '.join(MAP_KINDS)}")
         if self.refit and self.maps == "identity":
             raise UsageError("--refit needs linear maps; drop --maps identity or --refit")
+        if self.fold and (self.refit or self.maps == "identity"):
+            raise UsageError("--fold scores folded linear maps: drop --refit and --maps identity")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} is invalid; pass a positive number")
 
@@ -126,12 +130,16 @@ def candidate_spans(store: Store, options: SelectOptions) -> list[Span]:
     return [(int(c["span"][0]), int(c["span"][1])) for c in ranked]
 
 
-def original_maps(store: Store, spans: list[Span]) -> dict[Span, SpanMap]:
-    """Maps fitted on the original network (``fits/a-b``, fitted in one pass where missing)."""
+def original_maps(store: Store, spans: list[Span], fold: bool = False) -> dict[Span, SpanMap]:
+    """Maps fitted on the original network (``fits/a-b``, fitted in one pass where missing;
+    ``fold``: the folded maps ``fits/a-b-fold``, streamed)."""
     from rba_store.solve import FitOptions, fit_spans, load_fit
 
-    missing = [(a, b) for a, b in spans if not store.has_analysis(FITS, f"{a}-{b}")]
-    if missing:
+    suffix = "-fold" if fold else ""
+    missing = [(a, b) for a, b in spans if not store.has_analysis(FITS, f"{a}-{b}{suffix}")]
+    if missing and fold:
+        fit_spans(store, FitOptions(spans=tuple(missing), fold=True))
+    elif missing:
         from rba_store.stats import default_stats
 
         # One pass (reused when saved), keeping the joint moments of the band of the longest
@@ -140,8 +148,8 @@ def original_maps(store: Store, spans: list[Span]) -> dict[Span, SpanMap]:
         fit_spans(store, FitOptions(spans=tuple(missing)))
     maps = {}
     for a, b in spans:
-        ds = load_fit(store, f"{a}-{b}")
-        maps[(a, b)] = SpanMap((a, b), ds["T"].values, ds["bias"].values)
+        ds = load_fit(store, f"{a}-{b}{suffix}")
+        maps[(a, b)] = SpanMap((a, b), ds["T"].values, ds["bias"].values, fold)
     return maps
 
 
@@ -159,14 +167,13 @@ def _try_candidates(
 
     ``progress(candidate, candidates, batch, batches)`` is called after each candidate on each
     batch (1-based)."""
-    modules = [m.module() for m in trials]
+    entries = [net.entry(m) for m in trials]  # where each map starts, and what it runs
     outputs: list[list[Any]] = [[] for _ in trials]
     for j, x in enumerate(val.batches, start=1):
         points = net.all_points(net.stem(x))
-        for i, (trial, module) in enumerate(zip(trials, modules, strict=True)):
-            a, b = trial.span
+        for i, (trial, (start, (_, step))) in enumerate(zip(trials, entries, strict=True)):
             with torch.inference_mode():
-                h = net.run(module(points[a]), b)
+                h = net.run(net.step_function(step)(points[start]), trial.span[1])
             outputs[i].append(val.predict(net, h, j - 1))
             if progress is not None:
                 progress(i + 1, len(trials), j, len(val.batches))
@@ -191,8 +198,10 @@ def _best(trials: list[SpanMap], scores: list[Score], rank_by: str) -> int:
     return max(range(len(trials)), key=key)
 
 
-def _overlaps(span: Span, chosen: list[SpanMap]) -> bool:
-    return any(span[0] < m.span[1] and m.span[0] < span[1] for m in chosen)
+def _overlaps(span: Span, chosen: list[SpanMap], fold: bool = False) -> bool:
+    """Whether a candidate needs a point a chosen map removed (a folded one needs block a)."""
+    a, b = SpanMap(span, None if not fold else np.eye(1), folded=fold).occupied
+    return any(a < m.occupied[1] and m.occupied[0] < b for m in chosen)
 
 
 def select_spans(
@@ -218,14 +227,20 @@ def select_spans(
     original = _original_score(net, val)
     base = original.accuracy
     spans = candidate_spans(store, options)
-    fitted = original_maps(store, spans) if options.maps != "identity" else {}
+    if options.fold:  # spans whose map cannot fold (e.g. h0 behind a non-linear pre-norm) go
+        from rba_store.approx.fold import fold_refusal_for
+
+        spans = [s for s in spans if fold_refusal_for(loaded.module, s) is None]
+    fitted = original_maps(store, spans, options.fold) if options.maps != "identity" else {}
     n_val = sum(len(x) for x in val.batches)
     selection = Selection(options, n_val, base, original_val_perplexity=original.perplexity)
     limit = options.max_blocks or store.layout.n_blocks - 1
     removed = 0
     while True:
         open_spans = [
-            s for s in spans if not _overlaps(s, net.maps) and removed + s[1] - s[0] <= limit
+            s
+            for s in spans
+            if not _overlaps(s, net.maps, options.fold) and removed + s[1] - s[0] <= limit
         ]
         if not open_spans:
             selection.stop_reason = f"no candidate span left within {limit} blocks"
@@ -253,7 +268,7 @@ def select_spans(
         chosen = trials[best]
         net = net.with_map(chosen)
         removed += chosen.span[1] - chosen.span[0]
-        kind = "identity" if chosen.t is None else "linear"
+        kind = "identity" if chosen.t is None else "folded" if chosen.folded else "linear"
         selection.steps.append(
             Step(chosen.span, kind, removed, accuracy, agreement, len(trials), score.perplexity)
         )
@@ -265,7 +280,7 @@ def select_spans(
             selection.fit_names.append(f"{options.name}-{a}-{b}")
             selection.refitted[chosen.span] = refits[chosen.span][1]
         else:
-            selection.fit_names.append(f"{a}-{b}")
+            selection.fit_names.append(f"{a}-{b}{'-fold' if chosen.folded else ''}")
         if removed >= limit:
             selection.stop_reason = f"--max-blocks {limit} reached"
             break

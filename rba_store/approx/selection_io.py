@@ -25,7 +25,7 @@ def write_selection(
         "store": str(store.path.resolve()),
         "store_fingerprint": store.fingerprint,
         "spans": [
-            {"span": list(m.span), "kind": "identity" if m.t is None else "linear", "fit": name}
+            {"span": list(m.span), "kind": _kind(m), "fit": name}
             for m, name in zip(selection.maps, selection.fit_names, strict=True)
         ],
         "selection": to_json(selection),
@@ -55,7 +55,7 @@ def read_selection(path: str | Path, store: Store) -> tuple[list[str], list[str]
             f"--selection {str(path)!r} was made on another store than {str(store)!r}; pass "
             "the store it was selected on"
         )
-    fits = [s["fit"] for s in spans if s["kind"] == "linear"]
+    fits = [s["fit"] for s in spans if s["kind"] in ("linear", "folded")]
     identities = [f"{s['span'][0]}:{s['span'][1]}" for s in spans if s["kind"] == "identity"]
     return fits, identities
 
@@ -110,3 +110,7 @@ def write_selection_plot(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _kind(m: Any) -> str:
+    return "identity" if m.t is None else "folded" if m.folded else "linear"

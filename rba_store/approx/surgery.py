@@ -41,11 +41,22 @@ class LinearReplacement(nn.Module):
 
 @dataclass(frozen=True)
 class SpanMap:
-    """What replaces one span: a fitted map (``t``, ``bias``) or, with ``t=None``, the identity."""
+    """What replaces one span: a fitted map (``t``, ``bias``) or, with ``t=None``, the identity.
+
+    A ``folded`` map of span (a, b] with a >= 1 acts on block a's MLP output, inside block a
+    (:mod:`rba_store.approx.fold_site`): it occupies blocks a..b, though it removes a+1..b.
+    """
 
     span: Span
     t: np.ndarray | None = None
     bias: np.ndarray | None = None
+    folded: bool = False
+
+    @property
+    def occupied(self) -> Span:
+        """The points this map needs untouched: (a-1, b] when it lives in block a."""
+        a, b = self.span
+        return (a - 1, b) if self.folded and self.t is not None and a >= 1 else (a, b)
 
     def module(self) -> nn.Module:
         return nn.Identity() if self.t is None else LinearReplacement(self.t, self.bias)
@@ -66,8 +77,8 @@ def check_span_maps(maps: Sequence[SpanMap], n_blocks: int, width: int) -> None:
                 f"the map for span {a}:{b} is {m.t.shape[0]}x{m.t.shape[1]}, but the model's "
                 f"blocks are {width} wide; fit it on a store of this model"
             )
-    for left, right in itertools.pairwise(ordered):
-        if right.span[0] < left.span[1]:
+    for left, right in itertools.pairwise(sorted(maps, key=lambda m: m.occupied)):
+        if right.occupied[0] < left.occupied[1]:
             raise UsageError(
                 f"spans {left.span[0]}:{left.span[1]} and {right.span[0]}:{right.span[1]} "
                 "overlap; replace non-overlapping spans"

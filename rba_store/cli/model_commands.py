@@ -64,6 +64,14 @@ def apply(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a model written before by 'rba-store apply' in --out.")
     ] = False,
+    fold: Annotated[
+        bool,
+        typer.Option(
+            help="Fold the maps (fits made with 'fit --fold') into the weights: the model's own "
+            "architecture with fewer blocks, config.json + model.safetensors, loadable without "
+            "rba-store."
+        ),
+    ] = False,
 ) -> None:
     """Write the model with spans replaced by fitted maps: safetensors weights plus a recipe."""
     from rba_store.approx import count_parameters
@@ -87,9 +95,15 @@ def apply(
             "nothing to apply; pass --fit NAME (see 'rba-store info'), --identity a:b or "
             "--selection FILE"
         )
+    folded = [n for m, n in zip(maps, names, strict=True) if m.folded]
+    if folded and not fold:
+        raise UsageError(
+            f"fit {folded[0]!r} was made with --fold (it maps block "
+            f"{maps[names.index(folded[0])].span[0]}'s MLP output): add --fold"
+        )
     language = opened.description["model"].get("family") == "language"
     head = None if language else choose_classifier(opened, classifier.value)
-    write_approximated(opened, maps, names, out, checkpoint=checkpoint, classifier=head)
+    write_approximated(opened, maps, names, out, checkpoint=checkpoint, classifier=head, fold=fold)
     model = load_approximated(out)
     spans = ", ".join(f"{m.span[0]}:{m.span[1]}" for m in maps)
     kept = (
@@ -97,6 +111,21 @@ def apply(
         if language
         else f"{len(model.blocks)} modules in .blocks"
     )
+    if fold:
+        load = (
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+            if language
+            else "timm.models.vision_transformer.VisionTransformer(**json.load(open("
+            f"{str(out / 'config.json')!r}))['kwargs']) then load_state_dict("
+            f"safetensors.torch.load_file({str(out / 'model.safetensors')!r}))"
+        )
+        typer.echo(
+            f"wrote {out}/model.safetensors, {out}/config.json and {out}/recipe.json: spans "
+            f"{spans} folded, {count_parameters(model):,} parameters, "
+            f"{len(model.blocks) if not language else model.config.num_hidden_layers} blocks\n"
+            f"load it without rba-store: {load}"
+        )
+        return
     typer.echo(
         f"wrote {out}/model.safetensors and {out}/recipe.json: spans {spans} replaced, "
         f"{count_parameters(model):,} parameters, {kept}\n"

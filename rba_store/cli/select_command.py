@@ -80,6 +80,13 @@ def select(
     checkpoint: CheckpointOpt = None,
     classifier: ClassifierOpt = Classifier.auto,
     batch_size: Annotated[int, typer.Option(help="Validation images per batch.")] = 256,
+    fold: Annotated[
+        bool,
+        typer.Option(
+            help="Score candidates with folded maps (fits/a-b-fold, fitted where missing); "
+            "'apply --selection FILE --fold' writes the smaller standard model."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Greedy span selection on the validation split; test accuracy, size and speed of the path."""
@@ -104,6 +111,7 @@ def select(
         classifier=classifier.value,
         batch_size=batch_size,
         name=name,
+        fold=fold,
     )
     try:
         with dask_progress("select: statistics and fits"), CandidateProgress() as progress:
@@ -126,7 +134,11 @@ def select(
         )
         return
     typer.echo(_format(selection, report))
-    typer.echo(f"saved {written} (apply it with: rba-store apply {store} --selection {written})")
+    fold_flag = " --fold" if fold else ""
+    typer.echo(
+        f"saved {written} (apply it with: rba-store apply {store} --selection {written}"
+        f"{fold_flag} --out MODEL_DIR)"
+    )
     if plot:
         typer.echo(f"plot: {plot}")
 
