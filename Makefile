@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench bench-full results
+.PHONY: setup demo demo-lm test lint bench bench-full results
 
 $(BIN)/rba-store: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: setup  ## the main job on the embedded default: extract -> stats -> fit ->
 	$(BIN)/rba-store fit runs/demo.zarr --auto 3 --holdout 0.2 --name demo --overwrite
 	$(BIN)/rba-store evaluate runs/demo.zarr --auto --plots runs/demo-plots
 	$(BIN)/rba-store select runs/demo.zarr --plots runs/demo-plots
+
+demo-lm: setup  ## the same on the embedded language model: extract -> stats -> fit -> select -> apply
+	$(BIN)/rba-store extract --model rba-stdlib-lm --limit 128 --out runs/lm.zarr --overwrite
+	$(BIN)/rba-store stats runs/lm.zarr
+	$(BIN)/rba-store fit runs/lm.zarr --auto 3 --holdout 0.1 --name lm --overwrite
+	$(BIN)/rba-store select runs/lm.zarr --max-drop 1 --max-ppl-increase 0.05
+	$(BIN)/rba-store apply runs/lm.zarr --selection runs/lm.select.json --out runs/lm-model --overwrite
 
 results: setup  ## re-generate the README's results block from the shipped weights
 	$(BIN)/python docs/make_results.py

@@ -85,7 +85,7 @@ BAD_INVOCATIONS = [
     (["--model", "vit_tinyy_patch16_224"], "unknown model 'vit_tinyy_patch16_224'; did you mean"),
     (["--data", "{tmp}/missing"], "data source '{tmp}/missing' does not exist"),
     (["--data", "{tmp}/empty"], "no images found in"),
-    (["--tokens", "some"], "Invalid value for '--tokens'"),
+    (["--tokens", "some"], "--tokens 'some' is not valid; use all, cls, last or random:K"),
     (["--data", "{tmp}/notes.txt"], "is neither a folder nor a .npz file"),
     (["--data", "{tmp}/corrupt"], "1 image in '{tmp}/corrupt' cannot be read: a/broken.png;"),
     (["--batch-size", "0"], "--batch-size 0 is invalid"),

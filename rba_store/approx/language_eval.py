@@ -34,6 +34,10 @@ def rebuild_language_model(model: dict[str, Any], checkpoint: str | Path | None)
     the sha256 of its weight files."""
     weights = model["weights"]
     path = Path(checkpoint) if checkpoint else Path(weights["path"])
+    if weights["source"] == "embedded" and not checkpoint and not (path / "config.json").is_file():
+        from rba_store.extract.default_lm import ensure_default_lm
+
+        path = ensure_default_lm()  # another install of the package: its shipped folder
     if not (path / "config.json").is_file():
         error = NotFoundError if checkpoint else ModelError
         raise error(
@@ -57,7 +61,12 @@ def text_split(data: dict[str, Any], tokenizer: Any, split: str) -> TextSource:
             f"the store was extracted from the {split} split; evaluate and select use the val "
             "and test splits: extract the train split"
         )
-    return TextSource(data["path"], tokenizer, int(data["seq_len"]), split)
+    from rba_store.extract.default_lm import SHIPPED_CORPUS
+
+    path = Path(data["path"])
+    if not path.exists() and path.name == SHIPPED_CORPUS.name:  # the embedded corpus, moved
+        path = SHIPPED_CORPUS
+    return TextSource(path, tokenizer, int(data["seq_len"]), split)
 
 
 class NextTokenScores:
@@ -90,6 +99,16 @@ class NextTokenScores:
         return np.concatenate(self.predictions)
 
 
+def build_variant(model: nn.Module, maps: list[Any], replace: Callable[..., nn.Module]) -> Any:
+    """The folded model when a map is folded (:func:`rba_store.approx.fold.fold_model`), else
+    ``replace(model, maps)`` (maps inserted in place of their spans)."""
+    if any(m.folded for m in maps):
+        from rba_store.approx.fold import fold_model
+
+        return fold_model(model, maps)
+    return replace(model, maps)
+
+
 def evaluate_language_variants(
     store: Any,
     variants: list[Any],
@@ -111,7 +130,8 @@ def evaluate_language_variants(
             raise UsageError(f"--limit {limit} is out of range; pass 1..{len(source)} windows")
         source = source.limited(limit)  # type: ignore[assignment]
     models: list[tuple[str, nn.Module, list]] = [("original", loaded.module, [])] + [
-        (v.name, replace_decoder_spans(loaded.module, v.maps), v.spans) for v in variants
+        (v.name, build_variant(loaded.module, v.maps, replace_decoder_spans), v.spans)
+        for v in variants
     ]
     scores = {name: NextTokenScores() for name, _, _ in models}
     n_batches = -(-len(source) // batch_size)

@@ -166,7 +166,7 @@ def _auto_spans(store: Any, count: int, tokens: str, stats_name: str | None) -> 
     from rba_store.stats import BlockStats
     from rba_store.store import STATS
 
-    name = stats_name or f"tokens-{tokens}"
+    name = stats_name or f"tokens-{tokens.replace(':', '')}"
     saved = store.read_analysis(STATS, name)
     if saved is None:
         raise UsageError(
@@ -287,6 +287,13 @@ def fit(
             "always stream them.",
         ),
     ] = Source.auto,
+    fold: Annotated[
+        bool,
+        typer.Option(
+            help="Fit maps to fold into the weights: X = block a's MLP output, Y = h_b - r_a "
+            "(recomputed from h(a-1)); 'apply --fold' writes the smaller standard model."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit the linear maps T (h_a -> h_b) that replace spans of blocks, in one pass."""
@@ -321,6 +328,7 @@ def fit(
         checkpoint=str(checkpoint) if checkpoint else None,
         checkpoint_every=checkpoint_every,
         source=source.value,
+        fold=fold,
     )
     try:
         with dask_progress("fit"):

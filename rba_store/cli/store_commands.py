@@ -15,7 +15,6 @@ from rba_store.cli.app import (
     DType,
     JsonOpt,
     StoreArg,
-    Tokens,
     app,
     mb,
 )
@@ -60,12 +59,14 @@ def extract(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
     tokens: Annotated[
-        Tokens,
+        str,
         typer.Option(
-            help="Store all tokens, the class token only (vision) or the last position of each "
-            "window (language)."
+            help="Store all tokens; cls: the class token only (vision); last: the last position "
+            "of each window (language); random:K: the prefix tokens plus K others drawn per "
+            "sample (seeded by its index).",
+            metavar="all|cls|last|random:K",
         ),
-    ] = Tokens.all,
+    ] = "all",
     seq_len: Annotated[
         int | None,
         typer.Option(
@@ -116,6 +117,13 @@ def extract(
     holdout_seed: Annotated[
         int, typer.Option(help="Seed of --holdout (the --seed that fit --holdout takes).")
     ] = 0,
+    checkpoint_every: Annotated[
+        float,
+        typer.Option(
+            help="With --stats: save this worker's partial statistics in the store at least "
+            "this often (seconds; also at the end and on Ctrl-C), so a killed run resumes."
+        ),
+    ] = 60.0,
     skip_unreadable: Annotated[
         bool,
         typer.Option(help="Leave out images that cannot be read (recorded in the store)."),
@@ -138,7 +146,7 @@ def extract(
         data=data,
         split=split,
         limit=limit,
-        tokens=tokens.value,
+        tokens=tokens,
         dtype=dtype.value,
         codec=codec.value,
         clevel=clevel,
@@ -156,6 +164,7 @@ def extract(
         stats_holdout=holdout,
         stats_holdout_seed=holdout_seed,
         seq_len=seq_len,
+        checkpoint_every=checkpoint_every,
     )
     out = out or _default_out(model, data, split)
     check_store_out(out)
@@ -168,27 +177,28 @@ def extract(
     if dry_run:
         typer.echo(_dry_run(plan, out, shape))
         return
+    # Progress counts this worker's share of the store (all of it with one worker).
+    mine = [s for s in range(layout.n_shards) if s % num_workers == worker_index]
+    total = sum(b - a for a, b in map(layout.shard_rows, mine))
     done = shards_before = 0
     if Store.exists(out) and not overwrite:
         done_mask = Store.open(out).completed_shards()
         shards_before = int(done_mask.sum())
         done = sum(
             b - a
-            for i, (a, b) in enumerate(map(layout.shard_rows, range(layout.n_shards)))
+            for i, (a, b) in ((s, layout.shard_rows(s)) for s in mine)
             if i < len(done_mask) and done_mask[i]
         )
     try:
-        with ProgressBar(layout.n_samples, done, "extract") as bar:
+        with ProgressBar(total, done, "extract") as bar:
             result = run_extraction(plan, out, overwrite=overwrite, progress=bar)
     except KeyboardInterrupt:
         kept = int(Store.open(out).completed_shards().sum()) if Store.exists(out) else 0
         raise Interrupted(
             f"interrupted: {kept}/{layout.n_shards} shards of {str(out)!r} are complete and "
-            "kept; re-run the same command to resume"
-            if not no_activations
-            else f"interrupted: {str(out)!r} is incomplete ({kept}/{layout.n_shards} shards) and "
-            "not resumable (the statistics of --no-activations need every shard in one run); "
-            "re-run the command with --overwrite"
+            "kept"
+            + (", the statistics of the shards folded so far saved" if stats else "")
+            + "; re-run the same command to resume"
         ) from None
     from rba_store.store.info import store_info
 

@@ -21,10 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-from rba_store.errors import StoreError, UsageError
+from rba_store.errors import UsageError
 from rba_store.extract.plan import ExtractionPlan
 from rba_store.extract.streamed_stats import StreamedStats
-from rba_store.store import FEATURES, INPUT_IDS, LABEL, SAMPLE_ID, Store, h_name
+from rba_store.store import (
+    FEATURES,
+    INPUT_IDS,
+    LABEL,
+    LEDGER_PATH,
+    SAMPLE_ID,
+    TOKEN_POSITIONS,
+    Store,
+    h_name,
+)
 from rba_store.store.layout import encode_values
 
 logger = logging.getLogger(__name__)
@@ -153,7 +162,18 @@ def shard_buffer(plan: ExtractionPlan, shard_idx: int) -> dict[str, np.ndarray]:
     buffer[SAMPLE_ID] = encode_sample_ids(plan.source.sample_ids[start:stop], width)
     if layout.seq_len is not None:  # filled batch by batch, like the activations
         buffer[INPUT_IDS] = np.empty((rows, layout.seq_len), np.int32)
+    if plan.sampler is not None:
+        buffer[TOKEN_POSITIONS] = np.empty((rows, layout.points[0].n_tokens), np.int32)
     return buffer
+
+
+def _reopen_unfolded(store: Store, folded: set[int], index: int, workers: int) -> None:
+    """Mark this worker's complete shards that its saved partials lack as incomplete again, so
+    they are extracted (bit for bit the same) and folded once more."""
+    complete = store.completed_shards()
+    for shard in np.flatnonzero(complete):
+        if shard % workers == index and int(shard) not in folded:
+            store.array(LEDGER_PATH)[int(shard)] = 0
 
 
 def run_extraction(
@@ -167,22 +187,27 @@ def run_extraction(
     out = Path(out)
     store, resumed = _open_or_create(plan, out, overwrite)
     workers, index = plan.options.num_workers, plan.options.worker_index
-    todo = [int(i) for i in np.flatnonzero(~store.completed_shards()) if i % workers == index]
     activations = plan.options.store_activations
-    if not activations and resumed and store.completed_shards().any():
-        raise StoreError(
-            f"{str(out)!r} was extracted without activations and interrupted: its statistics "
-            "need every shard in one run; re-run with --overwrite"
-        )
     claim = store.claim_worker(index, workers)
     started = time.perf_counter()
     samples = 0
     options = plan.options
     streamed = (
-        StreamedStats(store, options.stats_holdout, options.stats_holdout_seed)
+        StreamedStats(
+            store,
+            options.stats_holdout,
+            options.stats_holdout_seed,
+            worker=(index, workers),
+            checkpoint_every=options.checkpoint_every,
+        )
         if options.stats
         else None
     )
+    if streamed is not None and not activations:
+        # Shards written after this worker last saved its partials: their statistics are gone
+        # with the killed process and the store has no activations to read them back from.
+        _reopen_unfolded(store, streamed.folded, index, workers)
+    todo = [int(i) for i in np.flatnonzero(~store.completed_shards()) if i % workers == index]
     writer = _ShardWriter(store)
     device = plan.options.device
     try:
@@ -205,6 +230,9 @@ def run_extraction(
                 if buffer is None:
                     buffer = shard_buffer(plan, shard_idx)
                 captured = plan.capture(inputs.to(device))
+                if plan.sampler is not None:  # --tokens random:K
+                    positions = plan.sampler.positions(start, stop)
+                    captured.points = plan.sampler.take(captured.points, positions)
                 offset = start - plan.layout.shard_rows(shard_idx)[0]
                 rows = slice(offset, offset + stop - start)
                 dtype = plan.layout.dtype
@@ -214,6 +242,8 @@ def run_extraction(
                 buffer[FEATURES][rows] = encode_values(features, dtype)
                 if INPUT_IDS in buffer:
                     buffer[INPUT_IDS][rows] = inputs.numpy()
+                if TOKEN_POSITIONS in buffer:
+                    buffer[TOKEN_POSITIONS][rows] = positions
                 samples += stop - start
                 if progress is not None:
                     progress(stop - start, (stop - start) * plan.layout.sample_bytes())
@@ -232,6 +262,8 @@ def run_extraction(
         try:
             writer.close()
         finally:
+            if streamed is not None:  # Ctrl-C or an error: keep what this worker folded
+                streamed.save()
             store.release_claim(claim)
             store.consolidate()
     return ExtractionResult(

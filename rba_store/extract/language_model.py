@@ -18,6 +18,12 @@ import torch
 from torch import nn
 
 from rba_store.errors import ModelError, NotFoundError
+from rba_store.extract.default_lm import (
+    LM_NAME,
+    ensure_default_lm,
+    is_default_lm,
+    is_shipped_lm_dir,
+)
 from rba_store.extract.models import LoadedModel, model_weights_sha256
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
@@ -25,8 +31,14 @@ FAMILY_LANGUAGE = "language"
 
 
 def is_language_model_dir(name: str | Path | None) -> bool:
-    """Whether ``--model`` names a local directory with a Hugging Face ``config.json``."""
-    return name is not None and (Path(name) / "config.json").is_file()
+    """Whether ``--model`` names a local directory with a Hugging Face ``config.json``, or the
+    embedded language model (``rba-stdlib-lm``: its shipped folder)."""
+    return name is not None and (is_default_lm(name) or (Path(name) / "config.json").is_file())
+
+
+def language_model_dir(name: str | Path) -> Path:
+    """The folder ``--model`` names: the shipped one for ``rba-stdlib-lm``, else ``name``."""
+    return ensure_default_lm() if is_default_lm(name) else Path(name)
 
 
 def _transformers() -> Any:
@@ -91,9 +103,11 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def build_language_model(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """A causal LM and its tokenizer from a local directory, in eval mode, float32."""
+    """A causal LM and its tokenizer from a local directory (or ``rba-stdlib-lm``, the shipped
+    one, recorded as "embedded"), in eval mode, float32."""
     transformers = _transformers()
-    path = Path(path)
+    path = language_model_dir(path)
+    embedded = is_shipped_lm_dir(path)
     files = [f for pattern in WEIGHT_FILES for f in path.glob(pattern)]
     if not files:
         raise NotFoundError(
@@ -115,7 +129,7 @@ def build_language_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     _, layers, _ = decoder_parts(model)
     config = model.config
     weights = {
-        "source": "checkpoint",
+        "source": "embedded" if embedded else "checkpoint",
         "path": str(path.resolve()),
         "sha256": weights_sha256(path),
         "state_sha256": model_weights_sha256(model),
@@ -123,7 +137,7 @@ def build_language_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     prefix = "model.layers" if getattr(model, "model", None) is not None else "transformer.h"
     return LoadedModel(
         module=model,
-        name=str(config.model_type),
+        name=LM_NAME if embedded else str(config.model_type),
         weights=weights,
         data_config={"tokenizer": type(tokenizer).__name__, "context": context_length(config)},
         block_names=[f"{prefix}.{i}" for i in range(len(layers))],

@@ -3,6 +3,7 @@ before anything is written, and the description (with its fingerprint) the store
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from rba_store.extract.capture import ActivationCapture
 from rba_store.extract.data import DataSource, Preprocess, make_preprocess, open_source
 from rba_store.extract.language_model import is_language_model_dir
 from rba_store.extract.models import LoadedModel, build_model
+from rba_store.extract.token_sample import TokenSampler, random_tokens
 from rba_store.store import (
     FORMAT_VERSION,
     NOT_STORED,
@@ -59,6 +61,7 @@ class ExtractOptions:
     num_workers: int = 1  # processes filling the same store, each its own shards
     worker_index: int = 0
     seq_len: int | None = None  # language models: tokens per window (default: min(256, context))
+    checkpoint_every: float = 60.0  # with stats: seconds between saves of this worker's partials
 
 
 @dataclass
@@ -73,6 +76,7 @@ class ExtractionPlan:
     layout: StoreLayout
     description: dict[str, Any] = field(default_factory=dict)
     weights_payload: bytes | None = None  # random weights, to be kept in the store
+    sampler: TokenSampler | None = None  # --tokens random:K
 
     @property
     def random_weights(self) -> bool:
@@ -129,16 +133,20 @@ def _library_versions() -> dict[str, str]:
     }
 
 
+def capture_tokens(tokens: str) -> str:
+    """What the capture keeps: every token when ``random:K`` picks among them afterwards."""
+    return "all" if random_tokens(tokens) is not None else tokens
+
+
 def _check_options(options: ExtractOptions) -> None:
+    if options.tokens not in ("all", "cls", "last") and random_tokens(options.tokens) is None:
+        raise UsageError(
+            f"--tokens {options.tokens!r} is not valid; use all, cls, last or random:K"
+        )
     if not options.store_activations and not options.stats:
         raise UsageError("--no-activations keeps only the statistics: add --stats")
     if options.stats_holdout is not None and not options.stats:
         raise UsageError("--holdout splits the statistics computed during the pass: add --stats")
-    if not options.store_activations and options.num_workers > 1:
-        raise UsageError(
-            "--no-activations needs one process (its statistics cannot be read back from the "
-            "store); drop --num-workers or store the activations"
-        )
     if options.batch_size < 1:
         raise UsageError(f"--batch-size {options.batch_size} is invalid; pass a positive number")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
@@ -162,6 +170,10 @@ def _check_options(options: ExtractOptions) -> None:
     if not 0 <= options.clevel <= top:
         raise UsageError(
             f"--clevel {options.clevel} is out of range for --codec {options.codec}; use 0..{top}"
+        )
+    if not options.checkpoint_every >= 0:
+        raise UsageError(
+            f"--checkpoint-every {options.checkpoint_every} is invalid; pass seconds >= 0"
         )
     for flag, value in (("--chunk-mb", options.chunk_mb), ("--shard-mb", options.shard_mb)):
         if not value > 0:
@@ -189,7 +201,7 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
         pretrained=options.pretrained,
         device=options.device,
     )
-    capture = ActivationCapture(loaded, options.tokens)
+    capture = ActivationCapture(loaded, capture_tokens(options.tokens))
     preprocess = make_preprocess(loaded.data_config)
     preprocessing = "none (inputs given as arrays)" if source.preprocessed else loaded.data_config
     return _finish_plan(options, loaded, source, capture, preprocess, preprocessing)
@@ -198,6 +210,7 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
 def _plan_language(options: ExtractOptions) -> ExtractionPlan:
     """A Hugging Face decoder over text windows (see extract/language_model.py and text.py)."""
     from rba_store.extract.capture import DecoderCapture
+    from rba_store.extract.default_lm import ensure_default_corpus, is_default_lm
     from rba_store.extract.language_model import build_language_model, context_length
     from rba_store.extract.text import DEFAULT_SEQ_LEN, TextSource
 
@@ -214,6 +227,8 @@ def _plan_language(options: ExtractOptions) -> ExtractionPlan:
                 "weights are in its folder): drop it"
                 + ("; use --tokens all or last" if "tokens" in flag else "")
             )
+    if options.data == DEFAULT_DATA and is_default_lm(options.model):  # its shipped corpus
+        options = dataclasses.replace(options, data=str(ensure_default_corpus()))
     if options.data == DEFAULT_DATA:
         raise UsageError(
             "a language model reads text: pass --data with a .txt file, a folder of text files "
@@ -228,7 +243,7 @@ def _plan_language(options: ExtractOptions) -> ExtractionPlan:
             f"pass at most {context}"
         )
     source = TextSource(options.data, loaded.tokenizer, seq_len, options.split or "train")
-    capture = DecoderCapture(loaded, options.tokens)
+    capture = DecoderCapture(loaded, capture_tokens(options.tokens))
     preprocessing = {"tokenizer": loaded.data_config["tokenizer"], "seq_len": seq_len}
     return _finish_plan(
         options, loaded, source.limited(options.limit), capture, None, preprocessing, seq_len
@@ -246,6 +261,12 @@ def _finish_plan(
 ) -> ExtractionPlan:
     """Probe the shapes on one sample, plan the layout and write the description."""
     probe = capture(source.load(0, 1, preprocess).to(options.device))
+    k = random_tokens(options.tokens)
+    sampler = None
+    if k is not None:
+        prefix = int(getattr(loaded.module, "num_prefix_tokens", 0) or 0)
+        sampler = TokenSampler(prefix, probe.points[0].shape[1], k)
+        probe.points = sampler.take(probe.points, sampler.positions(0, 1))
     points = [
         CapturePoint(p.shape[1], p.shape[2], tuple(s))
         for p, s in zip(probe.points, probe.source_shapes, strict=True)
@@ -280,6 +301,7 @@ def _finish_plan(
         "data": source.describe(),
         "preprocessing": preprocessing,
         "tokens": options.tokens,
+        **({"token_sampling": sampler.describe()} if sampler else {}),
         **({} if options.store_activations else {"activations": NOT_STORED}),
         "dtype": options.dtype,
         "codec": {"name": options.codec, "clevel": options.clevel},
@@ -289,10 +311,11 @@ def _finish_plan(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": options.device,
             "batch_size": options.batch_size,
+            "num_workers": options.num_workers,  # names missing workers of an unfinished store
         },
     }
     description = normalize(description)
     description["fingerprint"] = fingerprint(description)
     return ExtractionPlan(
-        options, loaded, source, capture, preprocess, layout, description, payload
+        options, loaded, source, capture, preprocess, layout, description, payload, sampler
     )

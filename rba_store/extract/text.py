@@ -2,16 +2,18 @@
 
 Sources: a ``.txt`` file (its paragraphs, separated by blank lines, are the documents), a folder
 of text files (one file, one document) or JSON lines with a ``text`` field (one line, one
-document). The documents are split train / val / test (80 / 10 / 10 %, at least one document
-each) with a fixed seed, so that no document lends text to two splits. Each split's documents,
-in their order, are tokenised with the model's own tokenizer, each followed by its end-of-text
-token when it has one, joined into one token stream and cut into windows of ``seq_len`` tokens;
-the remainder is dropped, so no padding ever enters a row. A window is a sample; its token ids
+document); a ``.txt`` or ``.jsonl`` file may be gzip-compressed (``.gz``). The documents are
+split train / val / test (80 / 10 / 10 %, at least one document each) with a fixed seed, so that
+no document lends text to two splits. Each split's documents, in their order, are tokenised with
+the model's own tokenizer, each followed by its end-of-text token when it has one, joined into
+one token stream and cut into windows of ``seq_len`` tokens; the remainder is dropped, so no
+padding ever enters a row. A window is a sample; its token ids
 are stored as ``input_ids`` and each position predicts the next token.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -43,7 +45,7 @@ def read_documents(spec: str | Path) -> list[str]:
             p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
         )
         documents = [_read(p) for p in files]
-    elif path.suffix.lower() in (".jsonl", ".json"):
+    elif _kind(path) in (".jsonl", ".json"):
         documents = []
         for number, line in enumerate(_read(path).splitlines(), start=1):
             if not line.strip():
@@ -55,7 +57,7 @@ def read_documents(spec: str | Path) -> list[str]:
                     f"line {number} of {str(path)!r} is not a JSON object with a 'text' field "
                     f"({type(e).__name__}); write one JSON document per line"
                 ) from e
-    elif path.suffix.lower() in TEXT_SUFFIXES:
+    elif _kind(path) in TEXT_SUFFIXES:
         documents = [p for p in _read(path).split("\n\n")]
     else:
         raise UsageError(
@@ -72,10 +74,18 @@ def read_documents(spec: str | Path) -> list[str]:
     return documents
 
 
+def _kind(path: Path) -> str:
+    """The suffix that says what a file holds (the one before ``.gz`` for a compressed file)."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
+
+
 def _read(path: Path) -> str:
     try:
+        if path.suffix.lower() == ".gz":
+            return gzip.decompress(path.read_bytes()).decode("utf-8")
         return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
         raise DataSourceError(f"cannot read {str(path)!r} as UTF-8 text ({e})") from e
 
 

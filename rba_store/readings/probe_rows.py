@@ -25,6 +25,7 @@ from rba_store.readings.common import check_reading_tokens, represent
 from rba_store.solve._backend import get_xp
 from rba_store.stats.moments import Moments
 from rba_store.store import LABEL, Store, normalize
+from rba_store.store.layout import as_stored
 from rba_store.store.reading import on_shard, shard_ranges
 from rba_store.store.selection import usable_samples
 
@@ -182,14 +183,15 @@ def validation_rows(
     loaded = rebuild_model(description["model"], checkpoint, store)
     capture = ActivationCapture(loaded, "cls" if tokens == "cls" else "all")
     preprocess = make_preprocess(loaded.data_config)
-    dtype = np.dtype(store.layout.dtype)
+    dtype = store.layout.dtype  # rows as the store holds them (bfloat16: its rounding)
     parts: list[list[np.ndarray]] = [[] for _ in points]
     with torch.inference_mode():
         for start in range(0, len(source), batch_size):
             x = source.load(start, min(start + batch_size, len(source)), preprocess)
             captured = capture(x)
             for i, k in enumerate(points):
-                parts[i].append(represent(captured.points[k].numpy().astype(dtype), tokens))
+                stored = as_stored(captured.points[k].numpy(), dtype)
+                parts[i].append(represent(stored, tokens))
     vectors = [np.concatenate(p)[known] for p in parts]
     return EvalRows(vectors, labels[known], eval_identity(store, None))
 

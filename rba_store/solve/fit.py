@@ -19,6 +19,7 @@ import xarray as xr
 from rba_store.dask_compute import check_scheduler_file
 from rba_store.errors import UsageError
 from rba_store.solve._backend import get_xp
+from rba_store.solve.fold import fold_runners, folded_equations, folded_holdout_sums
 from rba_store.solve.from_moments import equations_from_moments, moments_source
 from rba_store.solve.heldout import HoldoutSums
 from rba_store.solve.normal_eq import (
@@ -66,7 +67,8 @@ def _eval_samples(
         return None
     eval_store = Store.open(options.eval_store)
     check_spans(spans, eval_store.layout, options.eval_store)
-    check_tokens(eval_store, options.tokens)
+    # a random:K store's maps are measured on every token of the evaluation store
+    check_tokens(eval_store, "all" if options.tokens.startswith("random:") else options.tokens)
     if eval_store.description["model"]["weights"] != store.description["model"]["weights"]:
         raise UsageError(
             f"--eval-store {options.eval_store!r} was extracted from other model weights than "
@@ -134,8 +136,11 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
     saved = moments_source(store, options, n_samples, split, "the fit", spans)
     # Spans in the band of saved joint moments are solved from them (the activations are not
     # read for them); the others are streamed from the store in one pass.
-    from_moments = [s for s in spans if saved is not None and saved.covers(s)]
-    streamed = [s for s in spans if s not in from_moments]
+    # Folded spans after h0 recompute block a's MLP output from h_{a-1} (rba_store.solve.fold).
+    runners = fold_runners(store, spans, options) if options.fold else {}
+    folded = [s for s in spans if options.fold and s[0] >= 1]
+    from_moments = [s for s in spans if saved is not None and saved.covers(s) and s not in folded]
+    streamed = [s for s in spans if s not in from_moments and s not in folded]
     accumulated: dict[Span, NormalEquations] = {}
     sources: dict[Span, dict] = {}
     if from_moments:
@@ -149,6 +154,9 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
         by_source = equations(store, fit_idx, plan, points, cls_only, options)
         accumulated |= _split_targets(by_source, plan, layout)
         sources |= {s: {"kind": "activations"} for s in streamed}
+    if folded:
+        accumulated |= folded_equations(store, fit_idx, folded, runners, cls_only, options)
+        sources |= {s: {"kind": "activations", "x": f"m{s[0]} from h{s[0] - 1}"} for s in folded}
 
     solutions: dict[Span, tuple[Solution, float]] = {}
     for span in spans:
@@ -172,6 +180,11 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
             sums = holdout_sums(store, held_idx, cls_only, [maps[s] for s in streamed], options)
             held |= dict(zip(streamed, sums, strict=True))
             held_source |= {s: base | {"from": "activations"} for s in streamed}
+        if folded:
+            maps_f = [maps[s] for s in folded]
+            sums = folded_holdout_sums(store, held_idx, cls_only, runners, maps_f, options)
+            held |= dict(zip(folded, sums, strict=True))
+            held_source |= {s: base | {"from": "activations"} for s in folded}
     elif eval_samples is not None:
         eval_store, eval_indices = eval_samples
         base = {"kind": "eval_store", "store": options.eval_store, "samples": len(eval_indices)}
@@ -180,8 +193,15 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
             eval_store, eval_options, len(eval_indices), None, "--eval-store's held-out rows", spans
         )
         held = {}
-        eval_moments = [s for s in spans if eval_saved is not None and eval_saved.covers(s)]
-        eval_streamed = [s for s in spans if s not in eval_moments]
+        eval_moments = [
+            s for s in spans if eval_saved is not None and eval_saved.covers(s) and s not in folded
+        ]
+        eval_streamed = [s for s in spans if s not in eval_moments and s not in folded]
+        if folded:
+            maps_f = [maps[s] for s in folded]
+            sums = folded_holdout_sums(eval_store, eval_indices, cls_only, runners, maps_f, options)
+            held |= dict(zip(folded, sums, strict=True))
+            held_source |= {s: base | {"from": "activations"} for s in folded}
         if eval_moments:
             assert eval_saved is not None
             all_rows = eval_saved.moments(eval_moments, all_rows=True)
@@ -217,6 +237,8 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
             "source": sources[span],
             "store_fingerprint": store.fingerprint,
         }
+        if options.fold:  # the map acts on block a's MLP output (a >= 1) or on h0
+            diagnostics["folded"] = True
         if solution.gemm_error is not None:  # float32 products: their expected cost in T
             diagnostics["gemm_expected_relative_error"] = solution.gemm_error
         fit = SpanFit(name, span, solution, normalize_json(diagnostics))

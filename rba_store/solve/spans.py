@@ -64,6 +64,8 @@ class FitOptions:
     # Where the products come from: saved joint moments when they cover the rows (auto), only
     # them (moments: never read the activations), or the activations (streamed).
     source: str = "auto"
+    # Folded maps (issue 20): X = block a's MLP output, Y = h_b - r_a (see solve/fold.py).
+    fold: bool = False
 
     def describe(self) -> dict[str, Any]:
         described = {
@@ -80,6 +82,8 @@ class FitOptions:
         }
         if self.source != "auto":  # fits saved before the option existed still match auto
             described["source"] = self.source
+        if self.fold:  # likewise: unfolded fits saved before keep matching
+            described["fold"] = True
         return described
 
 
@@ -106,10 +110,11 @@ def fit_name(span: Span, options: FitOptions, n_spans: int) -> str:
         return options.name if n_spans == 1 else f"{options.name}-{a}-{b}"
     suffix = "".join(
         [
-            f"-{options.tokens}" if options.tokens != "all" else "",
+            f"-{options.tokens.replace(':', '')}" if options.tokens != "all" else "",
             "-bias" if options.bias else "",
             f"-ridge{options.ridge:g}" if options.ridge else "",
             "-gemm32" if options.gemm_dtype == "float32" else "",
+            "-fold" if options.fold else "",
         ]
     )
     return f"{a}-{b}{suffix}"

@@ -33,7 +33,7 @@ def default_name(
 ) -> str:
     """A name that says what was computed: ``tokens-all``, ``tokens-cls-limit100``,
     ``tokens-all-holdout0.2-seed0`` ..."""
-    name = f"tokens-{tokens}"
+    name = f"tokens-{tokens.replace(':', '')}"  # random:16 -> tokens-random16
     if selection.sample is not None:
         name += f"-sample{selection.sample}-seed{selection.seed}"
     elif selection.limit is not None:

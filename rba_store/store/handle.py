@@ -35,6 +35,7 @@ from rba_store.store.layout import (
     SAMPLE_DIM,
     SAMPLE_ID,
     SAMPLE_ID_DIMS,
+    TOKEN_POSITIONS,
     WEIGHTS_PATH,
     StoreLayout,
     compressors,
@@ -152,6 +153,17 @@ class Store:
                 dimension_names=(SAMPLE_DIM, "position"),
                 attributes={"description": "token ids of each window; position t predicts t+1"},
             )
+        if str(description.get("tokens", "")).startswith("random:"):
+            group.create_array(
+                TOKEN_POSITIONS,
+                shape=(n, layout.points[0].n_tokens),
+                chunks=(shard, layout.points[0].n_tokens),
+                dtype="int32",
+                compressors=compressors("zstd", 3),
+                fill_value=-1,
+                dimension_names=(SAMPLE_DIM, "token"),
+                attributes={"description": "position of each stored token in the model's tokens"},
+            )
         group.create_array(
             LABEL,
             shape=(n,),
@@ -216,6 +228,8 @@ class Store:
                 "choose another --out path or remove it yourself"
             )
         shutil.rmtree(path)
+        # and the extraction workers' statistics partials kept beside it (worker_partials.py)
+        shutil.rmtree(path.parent / f".{path.name}.partials", ignore_errors=True)
 
     def writable(self) -> Store:
         """This store opened for writing (the same handle when it already is)."""

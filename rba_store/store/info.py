@@ -7,7 +7,15 @@ from typing import Any
 
 from rba_store.store.analyses import FITS, STATS
 from rba_store.store.handle import Store
-from rba_store.store.layout import FEATURES, INPUT_IDS, LABEL, SAMPLE_ID
+from rba_store.store.layout import (
+    DTYPE_ATTR,
+    FEATURES,
+    INPUT_IDS,
+    LABEL,
+    SAMPLE_ID,
+    TOKEN_POSITIONS,
+)
+from rba_store.store.selection import how_to_finish
 
 # Every kind of saved analysis (modularity and probe: rba_store/readings)
 ANALYSIS_KINDS = (STATS, FITS, "modularity", "probe")
@@ -21,6 +29,7 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
     stored_total = raw_total = 0
     names = store.activation_names
     extra = [INPUT_IDS] if layout.seq_len is not None else []
+    extra += [TOKEN_POSITIONS] if TOKEN_POSITIONS in store.group else []
     for name in [*names, FEATURES, *extra, LABEL, SAMPLE_ID]:
         array = store.array(name)
         stored = int(array.nbytes_stored())
@@ -28,7 +37,7 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
         arrays[name] = {
             "shape": list(array.shape),
             "dims": list(array.metadata.dimension_names or ()),
-            "dtype": str(array.dtype),
+            "dtype": str(array.attrs.get(DTYPE_ATTR, array.dtype)),  # bfloat16 kept as bits
             "chunks": list(array.chunks),
             "shards": list(array.shards) if array.shards else None,
             "bytes_stored": stored,
@@ -70,6 +79,7 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
         "analyses": {kind: store.list_analyses(kind) for kind in ANALYSIS_KINDS},
         "bytes_analyses": _bytes_below(store.root, ANALYSIS_KINDS),
         "activations": store.holds_activations,
+        "how_to_finish": None if complete.all() else how_to_finish(store),
     }
 
 
@@ -117,12 +127,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"{info['n_shards']} shards, {info['samples_complete']}/{info['n_samples']} samples",
     ]
     if not info["complete"]:
-        lines.append(
-            "           re-run the same 'rba-store extract' command to finish it"
-            if info["activations"]
-            else "           not resumable (the statistics of a --no-activations extraction "
-            "need every shard in one run): re-run 'rba-store extract' with --overwrite"
-        )
+        lines.append(f"           finish it by {info['how_to_finish']}")
     for kind, names in info["analyses"].items():
         shown = ", ".join(names) if names else "none"
         lines.append(f"{kind:<10} {shown}")

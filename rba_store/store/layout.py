@@ -31,6 +31,7 @@ CLAIMS_GROUP = "claims"
 NOT_STORED = "not stored"  # description["activations"] of a --no-activations store
 FEATURES, LABEL, SAMPLE_ID = "features", "label", "sample_id"
 INPUT_IDS = "input_ids"  # language models: each window's token ids (sample, position)
+TOKEN_POSITIONS = "token_positions"  # --tokens random:K: each stored token's position
 # Weights that come from no file (random initialisation) are kept in the store: the bytes of a
 # safetensors file as a uint8 array, so that every later command rebuilds the very same model.
 WEIGHTS_PATH = "model/weights_safetensors"
@@ -77,6 +78,14 @@ def decode_values(stored: np.ndarray, dtype: str) -> np.ndarray:
     if dtype != BFLOAT16:
         return stored
     return (stored.astype(np.uint32) << 16).view(np.float32)
+
+
+def as_stored(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Float values rounded as a store of ``dtype`` keeps them, as floats (what reading them
+    back gives)."""
+    return decode_values(encode_values(values, dtype), dtype).astype(
+        storage_dtype(dtype) if dtype != BFLOAT16 else np.float32
+    )
 
 
 def h_name(point_idx: int) -> str:

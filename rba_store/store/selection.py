@@ -74,6 +74,25 @@ def describe_holdout(fraction: float | None, seed: int) -> dict[str, Any] | None
     return None if fraction is None else {"fraction": float(fraction), "seed": int(seed)}
 
 
+def missing_workers(store: Store) -> tuple[list[int], int]:
+    """The worker indices whose shards are not all written, and the number of workers the
+    extraction ran with (recorded at its start; 1 for stores that do not say)."""
+    n = int(store.description.get("run", {}).get("num_workers", 1))
+    incomplete = np.flatnonzero(~store.completed_shards())
+    return sorted({int(s) % n for s in incomplete}), n
+
+
+def how_to_finish(store: Store) -> str:
+    """What finishes an incomplete store: the same command, or the missing workers' commands."""
+    missing, n = missing_workers(store)
+    if n == 1:
+        return "re-running the same 'rba-store extract' command"
+    return (
+        f"running the same 'rba-store extract' command with --num-workers {n} --worker-index "
+        f"{', '.join(map(str, missing))} (the workers whose shards are missing)"
+    )
+
+
 def usable_samples(store: Store, allow_incomplete: bool) -> np.ndarray:
     """Indices of the samples in complete shards; refuses an incomplete store unless allowed."""
     layout = store.layout
@@ -83,8 +102,8 @@ def usable_samples(store: Store, allow_incomplete: bool) -> np.ndarray:
     if not complete.all() and not allow_incomplete:
         raise IncompleteStoreError(
             f"store {str(store)!r} is incomplete: {int(complete.sum())}/{layout.n_shards} shards "
-            f"({len(available)}/{layout.n_samples} samples) are written; finish it by re-running "
-            "the same 'rba-store extract' command, or pass --allow-incomplete to use what is there"
+            f"({len(available)}/{layout.n_samples} samples) are written; finish it by "
+            f"{how_to_finish(store)}, or pass --allow-incomplete to use what is there"
         )
     if len(available) == 0:
         raise IncompleteStoreError(
@@ -96,6 +115,8 @@ def usable_samples(store: Store, allow_incomplete: bool) -> np.ndarray:
 def check_tokens(store: Store, tokens: str) -> None:
     """Refuse a token selection the store cannot give."""
     description = store.description
+    if tokens == description["tokens"]:  # what the store holds (e.g. random:16) always reads
+        return
     if tokens not in ("all", "cls", "last"):
         raise UsageError(f"--tokens {tokens!r} is not valid; use all, cls or last")
     if tokens == "last" and description["tokens"] != "last":
