@@ -27,7 +27,7 @@ demo-lm: setup  ## the same on the embedded language model: extract -> stats -> 
 	$(BIN)/rba-store extract --model rba-stdlib-lm --limit 128 --out runs/lm.zarr --overwrite
 	$(BIN)/rba-store stats runs/lm.zarr
 	$(BIN)/rba-store fit runs/lm.zarr --auto 3 --holdout 0.1 --name lm --overwrite
-	$(BIN)/rba-store select runs/lm.zarr --max-drop 1 --max-ppl-increase 0.05
+	$(BIN)/rba-store select runs/lm.zarr --max-drop 1 --max-ppl-increase 0.05 --batch-size 32
 	$(BIN)/rba-store apply runs/lm.zarr --selection runs/lm.select.json --out runs/lm-model --overwrite
 
 results: setup  ## re-generate the README's results block from the shipped weights

@@ -249,15 +249,9 @@ def measure_lm(work: Path) -> dict[str, Any]:
     path = work / "lm.zarr"
     run(plan_extraction(ExtractOptions(model=LM_NAME, limit=LM_LIMIT)), path)
     store = Store.open(path)
-    runs = {}
-    for key, options in {
-        "select": SelectOptions(max_drop=LM_MAX_DROP, max_ppl_increase=LM_MAX_PPL),
-        "identity": SelectOptions(
-            max_drop=LM_MAX_DROP, max_ppl_increase=LM_MAX_PPL, maps="identity", name="identity"
-        ),
-    }.items():
-        selection = select_spans(store, options)
-        runs[key] = (selection, evaluate_path(store, selection))
+    options = SelectOptions(max_drop=LM_MAX_DROP, max_ppl_increase=LM_MAX_PPL, batch_size=32)
+    selection = select_spans(store, options)
+    runs = {"select": (selection, evaluate_path(store, selection))}
     return {"store": store, "runs": runs}
 
 
@@ -277,38 +271,32 @@ def render_lm(figures: dict[str, Any]) -> str:
         f"`{LM_NAME}` ({n_layers} layers): `rba-store extract --model {LM_NAME} --limit "
         f"{LM_LIMIT} --out runs/lm.zarr` (the first {LM_LIMIT} training windows of "
         f"{report['seq_len']} tokens are the rows of the fits), then `rba-store select "
-        f"runs/lm.zarr {limits}` ({selection.val_samples} validation windows choose) and "
-        f"`... --maps identity --name identity`; every figure is on the {report['test_windows']} "
-        f"test windows ({report['test_tokens']:,} next-token predictions), as `rba-store evaluate "
+        f"runs/lm.zarr {limits} --batch-size 32` ({selection.val_samples} validation windows "
+        f"choose; the test split only measures); every test figure is on the "
+        f"{report['test_windows']} test windows ({report['test_tokens']:,} next-token "
+        f"predictions), as `rba-store evaluate "
         f"runs/lm.zarr --selection runs/lm.select.json` reports them. Original: perplexity "
         f"**{ppl(original)}**, next-token accuracy **{_pct(original['accuracy'])}**, "
         f"{original['params']:,} parameters.",
         "",
-        "| selection | step | span replaced | layers removed | validation perplexity | test "
-        "perplexity | test accuracy | test, same spans dropped (identity): perplexity, accuracy | "
-        "parameters |",
+        "| step | span replaced | layers removed | validation perplexity | validation accuracy | "
+        "test perplexity | test accuracy | test, same spans dropped (identity): perplexity, "
+        "accuracy | parameters |",
         "|---|---|---|---|---|---|---|---|---|",
+        f"| 0 | - | 0 | {selection.original_val_perplexity:.3f} | "
+        f"{_pct(selection.original_val_accuracy)} | {ppl(original)} | "
+        f"{_pct(original['accuracy'])} | - | {original['params']:,} |",
     ]
-    for key, label in (("select", "linear maps (default)"), ("identity", "`--maps identity`")):
-        run, path = figures["runs"][key]
-        chosen = _rows(path)
-        for i, step in enumerate(run.steps, start=1):
-            k = step.blocks_removed
-            row, ident = chosen[f"selected -{k}"], chosen.get(f"identity -{k}")
-            same = f"{ppl(ident)}, {_pct(ident['accuracy'])}" if ident else "-"
-            lines.append(
-                f"| {label} | {i} | {step.span[0]}:{step.span[1]} ({step.kind}) | {k} | "
-                f"{step.val_perplexity:.3f} | {ppl(row)} | {_pct(row['accuracy'])} | {same} | "
-                f"{row['params']:,} |"
-            )
-        if not run.steps:
-            acc, params = _pct(original["accuracy"]), f"{original['params']:,}"
-            lines.append(f"| {label} | - | none | 0 | - | {ppl(original)} | {acc} | - | {params} |")
-    base_val = selection.original_val_perplexity
-    lines += ["", f"Original validation perplexity: {base_val:.3f}."]
-    for key, label in (("select", "The linear selection"), ("identity", "The identity one")):
-        run = figures["runs"][key][0]
-        lines.append(f"{label} stopped because {run.stop_reason}.")
+    for i, step in enumerate(selection.steps, start=1):
+        k = step.blocks_removed
+        row, ident = rows[f"selected -{k}"], rows.get(f"identity -{k}")
+        same = f"{ppl(ident)}, {_pct(ident['accuracy'])}" if ident else "-"
+        lines.append(
+            f"| {i} | {step.span[0]}:{step.span[1]} ({step.kind}) | {k} | "
+            f"{step.val_perplexity:.3f} | {_pct(step.val_accuracy)} | {ppl(row)} | "
+            f"{_pct(row['accuracy'])} | {same} | {row['params']:,} |"
+        )
+    lines += ["", f"It stopped because {selection.stop_reason}."]
     lines += ["", *_lm_summary(figures), "", LM_END]
     return "\n".join(lines)
 
@@ -325,8 +313,6 @@ def _lm_summary(figures: dict[str, Any]) -> list[str]:
         ]
     k = selection.steps[-1].blocks_removed
     last, ident = rows[f"selected -{k}"], rows.get(f"identity -{k}")
-    id_run, id_report = figures["runs"]["identity"]
-    id_k, id_last = _last_lm(id_run, id_report)
     rise = lambda v: f"{100 * (v['perplexity'] / base['perplexity'] - 1):+.1f} %"  # noqa: E731
     text = (
         f"In words: `select` removes **{k} of {figures['store'].layout.n_blocks} layers** "
@@ -340,17 +326,8 @@ def _lm_summary(figures: dict[str, Any]) -> list[str]:
             f"; dropping the same layers without the maps gives perplexity "
             f"{ident['perplexity']:.3f} ({rise(ident)}) and {_pct(ident['accuracy'])}"
         )
-    text += (
-        f". Chosen with identity maps only, the greedy removes {id_k} layer"
-        f"{'' if id_k == 1 else 's'} (test perplexity {id_last['perplexity']:.3f}, "
-        f"{rise(id_last)})."
-    )
+    text += "."
     return [text]
-
-
-def _last_lm(run: Any, report: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    k = run.steps[-1].blocks_removed if run.steps else 0
-    return k, _rows(report)[f"selected -{k}" if k else "original"]
 
 
 def replace_block(text: str, block: str, begin: str = BEGIN, end: str = END) -> str:

@@ -46,3 +46,27 @@ def test_the_readme_results_block_is_what_the_shipped_weights_give(tmp_path: Pat
             > identity_rows[f"selected -{removed}"]["accuracy"]
         )
     assert selection.val_samples == 360 and report["test_samples"] == 360
+
+
+@pytest.mark.slow
+def test_the_readme_language_block_is_what_the_shipped_model_gives(tmp_path: Path) -> None:
+    """Issue 19, item 5: on the embedded language model, select removes at least one layer
+    within --max-drop 1 and --max-ppl-increase 0.05, and the linear maps beat dropping."""
+    make_results = _make_results()
+    figures = make_results.measure_lm(tmp_path)
+    block = make_results.render_lm(figures)
+    text = (ROOT / "README.md").read_text()
+    committed = make_results.current_block(text, make_results.LM_BEGIN, make_results.LM_END)
+    assert committed == block, "the README's lm-results block is stale: run 'make results'"
+
+    selection, report = figures["runs"]["select"]
+    assert selection.options.max_drop == 1 and selection.options.max_ppl_increase == 0.05
+    assert selection.steps, selection.stop_reason
+    rows = {v["name"]: v for v in report["variants"]}
+    base = selection.original_val_perplexity
+    for step in selection.steps:  # within the limits on the split that chose them
+        assert step.val_perplexity <= base * 1.05
+        assert step.val_accuracy >= selection.original_val_accuracy - 0.01
+        k = step.blocks_removed
+        assert rows[f"selected -{k}"]["perplexity"] < rows[f"identity -{k}"]["perplexity"]
+    assert report["test_windows"] == 182 and selection.val_samples == 143
