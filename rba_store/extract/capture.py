@@ -24,7 +24,8 @@ LANGUAGE_TOKENS = ("all", "last")
 
 @dataclass
 class Captured:
-    """One batch: ``points[k]`` is ``h_k`` with shape ``(B, T, C)``; ``features`` ``(B, F)``."""
+    """One batch: ``points[k]`` is ``h_k`` with shape ``(B, T, C)``; ``features`` ``(B, F)``.
+    With MLP outputs (``extract --mlp-outputs``), ``points[L + a]`` is block a's ``m_a``."""
 
     points: list[torch.Tensor]
     features: torch.Tensor
@@ -43,6 +44,40 @@ def _to_nlc(x: Any, nhwc: bool) -> torch.Tensor:
     raise ModelError(f"a block output of shape {tuple(x.shape)} cannot be stored as tokens")
 
 
+def mlp_output_hooks(
+    model: nn.Module, name: str, captured: dict[int, Any], offset: int
+) -> list[Any]:
+    """Forward hooks recording each block a's MLP output (after its LayerScale: the module a
+    folded map acts on) as ``captured[offset + a]``; refuses blocks that have none."""
+    from rba_store.approx.fold_site import fold_site, model_blocks
+    from rba_store.errors import UsageError
+
+    def refuse(reason: str) -> UsageError:
+        return UsageError(
+            f"--mlp-outputs: {name!r} has no MLP output to store ({reason}); it needs timm's "
+            "ViT Block or Llama-style decoder layers: drop --mlp-outputs"
+        )
+
+    try:
+        _, blocks = model_blocks(model)
+    except ModelError:
+        raise refuse("its blocks are neither ViT blocks nor decoder layers") from None
+    handles = []
+    for a, block in enumerate(blocks, start=1):
+        try:
+            site = fold_site(model, (a, a + 1))
+        except UsageError as error:
+            raise refuse(str(error).split(": ", 1)[-1].split(";")[0]) from None
+        assert site is not None
+        module = block.get_submodule(site.output)
+
+        def hook(module: nn.Module, args: Any, output: Any, key: int = offset + a) -> None:
+            captured[key] = output
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
 def _supports_prefix_intermediates(model: nn.Module) -> bool:
     method = getattr(model, "forward_intermediates", None)
     if method is None or not isinstance(getattr(model, "blocks", None), nn.Sequential):
@@ -54,9 +89,10 @@ class ActivationCapture:
     """Callable that runs a model on a batch and returns every capture point.
 
     ``tokens="cls"`` keeps only the class token (the first prefix token) of every point.
+    ``mlp_outputs``: each block's MLP output follows ``h0 .. hL`` (``m1 .. mL``).
     """
 
-    def __init__(self, loaded: LoadedModel, tokens: str = "all") -> None:
+    def __init__(self, loaded: LoadedModel, tokens: str = "all", mlp_outputs: bool = False) -> None:
         if tokens not in TOKENS:
             raise ModelError(f"--tokens {tokens!r} is not valid; use one of {', '.join(TOKENS)}")
         model = loaded.module
@@ -69,6 +105,10 @@ class ActivationCapture:
         self.blocks = [b for _, b in find_blocks(model, loaded.name)]
         self.method = "forward_intermediates" if _supports_prefix_intermediates(model) else "hooks"
         self._nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
+        self.name, self.mlp_outputs = loaded.name, mlp_outputs
+        if mlp_outputs:  # refused now, before any work, where blocks have no MLP output
+            for handle in mlp_output_hooks(model, loaded.name, {}, 0):
+                handle.remove()
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> Captured:
@@ -77,6 +117,9 @@ class ActivationCapture:
         if self.method == "hooks":
             for idx, block in enumerate(self.blocks, start=1):
                 handles.append(block.register_forward_hook(self._hook(captured, idx)))
+        n_points = len(self.blocks) + 1
+        if self.mlp_outputs:
+            handles += mlp_output_hooks(self.model, self.name, captured, n_points - 1)
         try:
             if self.method == "forward_intermediates":
                 final, inter = self.model.forward_intermediates(
@@ -91,7 +134,7 @@ class ActivationCapture:
         finally:
             for handle in handles:
                 handle.remove()
-        raw = [captured[k] for k in range(len(self.blocks) + 1)]
+        raw = [captured[k] for k in range(n_points + (n_points - 1 if self.mlp_outputs else 0))]
         source_shapes = [tuple((r[0] if isinstance(r, tuple | list) else r).shape[1:]) for r in raw]
         points = [_to_nlc(r, self._nhwc) for r in raw]
         if self.tokens == "cls":
@@ -119,12 +162,13 @@ class DecoderCapture:
     A pre-hook on the first layer takes ``h0`` (its input); a hook on every layer its output, so
     ``hL`` is the last layer's output *before* the final norm. ``features`` are what the LM head
     sees at the last position (the final norm of ``hL`` there). ``tokens="last"`` keeps only the
-    last position of each window (as ShortGPT and Gromov et al. measure).
+    last position of each window (as ShortGPT and Gromov et al. measure). ``mlp_outputs``: each
+    layer's MLP output follows ``h0 .. hL`` (``m1 .. mL``).
     """
 
     method = "hooks"
 
-    def __init__(self, loaded: LoadedModel, tokens: str = "all") -> None:
+    def __init__(self, loaded: LoadedModel, tokens: str = "all", mlp_outputs: bool = False) -> None:
         from rba_store.extract.language_model import decoder_parts
 
         if tokens not in LANGUAGE_TOKENS:
@@ -133,6 +177,10 @@ class DecoderCapture:
             )
         self.model, self.tokens = loaded.module, tokens
         _, self.layers, self.norm = decoder_parts(self.model)
+        self.name, self.mlp_outputs = loaded.name, mlp_outputs
+        if mlp_outputs:  # refused now, before any work, where layers have no MLP output
+            for handle in mlp_output_hooks(self.model, loaded.name, {}, 0):
+                handle.remove()
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> Captured:
@@ -144,13 +192,16 @@ class DecoderCapture:
         handles = [self.layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
         for idx, layer in enumerate(self.layers, start=1):
             handles.append(layer.register_forward_hook(self._hook(captured, idx)))
+        n_points = len(self.layers) + 1
+        if self.mlp_outputs:
+            handles += mlp_output_hooks(self.model, self.name, captured, n_points - 1)
         try:
             self.model(input_ids=input_ids, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        points = [captured[k] for k in range(len(self.layers) + 1)]
-        features = self.norm(points[-1][:, -1:]).flatten(1)
+        points = [captured[k] for k in range(n_points + (n_points - 1 if self.mlp_outputs else 0))]
+        features = self.norm(points[n_points - 1][:, -1:]).flatten(1)
         if self.tokens == "last":
             points = [p[:, -1:] for p in points]
         return Captured(points, features, [tuple(p.shape[1:]) for p in points])

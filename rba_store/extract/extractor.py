@@ -32,7 +32,6 @@ from rba_store.store import (
     SAMPLE_ID,
     TOKEN_POSITIONS,
     Store,
-    h_name,
 )
 from rba_store.store.layout import encode_values
 
@@ -151,9 +150,10 @@ def shard_buffer(plan: ExtractionPlan, shard_idx: int) -> dict[str, np.ndarray]:
     layout = plan.layout
     start, stop = layout.shard_rows(shard_idx)
     rows = stop - start
+    dtype = storage_dtype(layout.dtype)
     buffer = {
-        h_name(k): np.empty((rows, p.n_tokens, p.n_channels), storage_dtype(layout.dtype))
-        for k, p in enumerate(layout.points)
+        layout.array_name(k): np.empty((rows, p.n_tokens, p.n_channels), dtype)
+        for k, p in enumerate(layout.all_points)
     }
     buffer[FEATURES] = np.empty((rows, layout.n_features), storage_dtype(layout.dtype))
     buffer[LABEL] = plan.source.labels[start:stop]
@@ -237,7 +237,8 @@ def run_extraction(
                 rows = slice(offset, offset + stop - start)
                 dtype = plan.layout.dtype
                 for k, point in enumerate(captured.points):
-                    buffer[h_name(k)][rows] = encode_values(point.cpu().float().numpy(), dtype)
+                    name = plan.layout.array_name(k)
+                    buffer[name][rows] = encode_values(point.cpu().float().numpy(), dtype)
                 features = captured.features.cpu().float().numpy()
                 buffer[FEATURES][rows] = encode_values(features, dtype)
                 if INPUT_IDS in buffer:
@@ -251,7 +252,8 @@ def run_extraction(
                     if streamed is not None:
                         streamed.fold(shard_idx, buffer)
                     if not activations:
-                        points = {h_name(k) for k in range(len(plan.layout.points))}
+                        n_arrays = len(plan.layout.all_points)
+                        points = {plan.layout.array_name(k) for k in range(n_arrays)}
                         buffer = {k: v for k, v in buffer.items() if k not in points}
                     writer.submit(shard_idx, buffer)
                     buffer = None

@@ -62,6 +62,7 @@ class ExtractOptions:
     worker_index: int = 0
     seq_len: int | None = None  # language models: tokens per window (default: min(256, context))
     checkpoint_every: float = 60.0  # with stats: seconds between saves of this worker's partials
+    mlp_outputs: bool = False  # also store m1 .. mL, each block's MLP output (folded fits)
 
 
 @dataclass
@@ -145,6 +146,12 @@ def _check_options(options: ExtractOptions) -> None:
         )
     if not options.store_activations and not options.stats:
         raise UsageError("--no-activations keeps only the statistics: add --stats")
+    if options.mlp_outputs and not options.store_activations:
+        raise UsageError(
+            "--mlp-outputs stores the MLP outputs beside the activations, and the statistics "
+            "of extract --stats do not cover them: drop --no-activations (then run "
+            "'rba-store stats', whose moments cover them)"
+        )
     if options.stats_holdout is not None and not options.stats:
         raise UsageError("--holdout splits the statistics computed during the pass: add --stats")
     if options.batch_size < 1:
@@ -201,7 +208,7 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
         pretrained=options.pretrained,
         device=options.device,
     )
-    capture = ActivationCapture(loaded, capture_tokens(options.tokens))
+    capture = ActivationCapture(loaded, capture_tokens(options.tokens), options.mlp_outputs)
     preprocess = make_preprocess(loaded.data_config)
     preprocessing = "none (inputs given as arrays)" if source.preprocessed else loaded.data_config
     return _finish_plan(options, loaded, source, capture, preprocess, preprocessing)
@@ -243,7 +250,7 @@ def _plan_language(options: ExtractOptions) -> ExtractionPlan:
             f"pass at most {context}"
         )
     source = TextSource(options.data, loaded.tokenizer, seq_len, options.split or "train")
-    capture = DecoderCapture(loaded, capture_tokens(options.tokens))
+    capture = DecoderCapture(loaded, capture_tokens(options.tokens), options.mlp_outputs)
     preprocessing = {"tokenizer": loaded.data_config["tokenizer"], "seq_len": seq_len}
     return _finish_plan(
         options, loaded, source.limited(options.limit), capture, None, preprocessing, seq_len
@@ -271,9 +278,10 @@ def _finish_plan(
         CapturePoint(p.shape[1], p.shape[2], tuple(s))
         for p, s in zip(probe.points, probe.source_shapes, strict=True)
     ]
+    n_h = (len(points) + 1) // 2 if options.mlp_outputs else len(points)  # h0..hL, m1..mL
     layout = plan_layout(
         len(source),
-        points,
+        points[:n_h],
         probe.features.shape[1],
         options.dtype,
         codec=options.codec,
@@ -284,6 +292,7 @@ def _finish_plan(
         shard_samples=options.shard_samples,
         sample_ids=source.sample_ids,
         seq_len=seq_len,
+        mlp_points=points[n_h:],
     )
     if options.stats:  # refuse a fraction that leaves nothing to fit before any work
         split_holdout(np.arange(layout.n_samples), options.stats_holdout)

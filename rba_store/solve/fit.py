@@ -136,11 +136,14 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
     saved = moments_source(store, options, n_samples, split, "the fit", spans)
     # Spans in the band of saved joint moments are solved from them (the activations are not
     # read for them); the others are streamed from the store in one pass.
-    # Folded spans after h0 recompute block a's MLP output from h_{a-1} (rba_store.solve.fold).
-    runners = fold_runners(store, spans, options) if options.fold else {}
-    folded = [s for s in spans if options.fold and s[0] >= 1]
-    from_moments = [s for s in spans if saved is not None and saved.covers(s) and s not in folded]
-    streamed = [s for s in spans if s not in from_moments and s not in folded]
+    # Folded spans after h0 are read off moments that cover the MLP outputs, or recompute block
+    # a's MLP output from h_{a-1} (rba_store.solve.fold).
+    after_h0 = [s for s in spans if options.fold and s[0] >= 1]
+    folded_moments = [s for s in after_h0 if saved is not None and saved.covers(s, folded=True)]
+    folded = [s for s in after_h0 if s not in folded_moments]
+    runners = fold_runners(store, spans, options, folded) if options.fold else {}
+    from_moments = [s for s in spans if saved is not None and saved.covers(s) and s not in after_h0]
+    streamed = [s for s in spans if s not in from_moments and s not in after_h0]
     accumulated: dict[Span, NormalEquations] = {}
     sources: dict[Span, dict] = {}
     if from_moments:
@@ -148,6 +151,12 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
         fit_moments = saved.moments(from_moments, all_rows=split is None)
         accumulated |= equations_from_moments(fit_moments, from_moments)
         sources |= {s: {"kind": "moments", "stats": saved.name} for s in from_moments}
+    if folded_moments:
+        assert saved is not None
+        views = saved.folded(folded_moments, all_rows=split is None)
+        for s, view in views.items():
+            accumulated[s] = equations_from_moments(view, [(0, 1)])[(0, 1)]
+            sources[s] = {"kind": "moments", "stats": saved.name, "x": f"m{s[0]}"}
     if streamed:
         plan = _plan(streamed)
         points = sorted({a for a, _ in streamed} | {b for _, b in streamed})
@@ -176,6 +185,11 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
             for s in from_moments:
                 held[s] = HoldoutSums.from_moments(held_moments, *maps[s])
                 held_source[s] = base | {"from": "moments", "stats": saved.name}
+        if folded_moments:
+            assert saved is not None
+            for s, view in saved.folded_heldout(folded_moments).items():
+                held[s] = HoldoutSums.from_moments(view, 0, 1, *maps[s][2:])
+                held_source[s] = base | {"from": "moments", "stats": saved.name}
         if streamed:
             sums = holdout_sums(store, held_idx, cls_only, [maps[s] for s in streamed], options)
             held |= dict(zip(streamed, sums, strict=True))
@@ -194,14 +208,28 @@ def fit_spans(store: Store | str | Path, options: FitOptions) -> list[SpanFit]:
         )
         held = {}
         eval_moments = [
-            s for s in spans if eval_saved is not None and eval_saved.covers(s) and s not in folded
+            s
+            for s in spans
+            if eval_saved is not None and eval_saved.covers(s) and s not in after_h0
         ]
-        eval_streamed = [s for s in spans if s not in eval_moments and s not in folded]
-        if folded:
-            maps_f = [maps[s] for s in folded]
+        eval_streamed = [s for s in spans if s not in eval_moments and s not in after_h0]
+        eval_folded = [
+            s for s in after_h0 if eval_saved is not None and eval_saved.covers(s, folded=True)
+        ]
+        if eval_folded:
+            assert eval_saved is not None
+            for s, view in eval_saved.folded(eval_folded, all_rows=True).items():
+                held[s] = HoldoutSums.from_moments(view, 0, 1, *maps[s][2:])
+                held_source[s] = base | {"from": "moments", "stats": eval_saved.name}
+        recomputed = [s for s in after_h0 if s not in eval_folded]
+        if recomputed:
+            missing = [s for s in recomputed if s[0] not in runners]
+            if missing:
+                runners |= fold_runners(store, missing, replace(options, source="auto"), missing)
+            maps_f = [maps[s] for s in recomputed]
             sums = folded_holdout_sums(eval_store, eval_indices, cls_only, runners, maps_f, options)
-            held |= dict(zip(folded, sums, strict=True))
-            held_source |= {s: base | {"from": "activations"} for s in folded}
+            held |= dict(zip(recomputed, sums, strict=True))
+            held_source |= {s: base | {"from": "activations"} for s in recomputed}
         if eval_moments:
             assert eval_saved is not None
             all_rows = eval_saved.moments(eval_moments, all_rows=True)

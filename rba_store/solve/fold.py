@@ -31,30 +31,36 @@ SAMPLES_PER_CHUNK = 64  # samples run through block a at once (bounds the task's
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def fold_runners(store: Store, spans: list[Span], options: FitOptions) -> dict[int, Runner]:
+def fold_runners(
+    store: Store, spans: list[Span], options: FitOptions, recomputed: list[Span]
+) -> dict[int, Runner]:
     """The store's model, checked for every span (one-line refusals), and a runner of block a
-    for each span that does not start at h0."""
+    for each span of ``recomputed`` (folded spans after h0 whose MLP output is not read off
+    saved moments)."""
     from rba_store.approx.fold_site import MlpOutputs, fold_site
     from rba_store.approx.rebuild import rebuild_model
 
     if options.checkpoint is not None:
         raise UsageError("--checkpoint does not apply to --fold; drop one of them")
     stored = store.description.get("tokens", "all")
-    if stored != "all" and any(a >= 1 for a, _ in spans):
+    if stored != "all" and recomputed:
+        a, b = recomputed[0]
         raise UsageError(
-            f"--fold recomputes block a from every token of h(a-1), but {str(store)!r} holds "
-            f"tokens {stored!r}; extract with --tokens all"
+            f"--fold recomputes block {a} from every token of h{a - 1}, but {str(store)!r} "
+            f"holds tokens {stored!r} (span {a}:{b}); extract with --tokens all, or with "
+            "--mlp-outputs and run stats (the folded fit is then read off the moments)"
         )
-    if options.source == "moments" and any(a >= 1 for a, _ in spans):
+    if options.source == "moments" and recomputed:
         raise UsageError(
             "--from moments: the saved moments do not cover MLP outputs, which --fold "
-            "recomputes from the activations; use --from auto"
+            "recomputes from the activations; extract with --mlp-outputs and run stats, or use "
+            "--from auto"
         )
     module = rebuild_model(store.description["model"], None, store).module
     for span in spans:
         fold_site(module, span, options.bias)
     n_tokens = store.layout.points[0].n_tokens
-    return {a: MlpOutputs(module, a, n_tokens) for a in sorted({a for a, _ in spans if a >= 1})}
+    return {a: MlpOutputs(module, a, n_tokens) for a in sorted({a for a, _ in recomputed})}
 
 
 def _chunks(

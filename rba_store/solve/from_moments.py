@@ -1,7 +1,8 @@
 """Fits solved from saved joint moments: which saved statistics cover a fit's rows and spans
 (opened lazily: only the blocks of those spans are read), and the normal equations read off
 them. Spans outside the saved band are left to the streaming pass (``--from auto``) or refused
-(``--from moments``)."""
+(``--from moments``). Folded fits (X = m_a, Y = h_b - r_a = h_b - h_a + m_a) are read off the
+moments of a store that keeps the MLP outputs (``extract --mlp-outputs``)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,46 @@ class SavedMoments:
     name: str
     ds: xr.Dataset
     pairs: frozenset[tuple[int, int]]
+    mlp_pairs: frozenset[tuple[int, int]] = frozenset()  # with MLP outputs (fold_pairs)
 
-    def covers(self, span: Span) -> bool:
+    @property
+    def n_blocks(self) -> int:
+        return len(self.ds.attrs["moment_widths"]) - 1
+
+    def covers(self, span: Span, folded: bool = False) -> bool:
+        """Whether the moments hold span (a, b]'s fit (``folded``: its folded fit, a >= 1)."""
         a, b = span
-        return {(a, a), (a, b), (b, b)} <= self.pairs
+        if not {(a, a), (a, b), (b, b)} <= self.pairs:
+            return False
+        return not folded or set(self._mlp_needed([span])) <= self.mlp_pairs
 
     @staticmethod
     def _needed(spans: list[Span]) -> list[tuple[int, int]]:
         return sorted({p for a, b in spans for p in ((a, a), (a, b), (b, b))})
+
+    def _mlp_needed(self, spans: list[Span]) -> list[tuple[int, int]]:
+        m = self.n_blocks
+        return sorted({p for a, b in spans for p in ((a, m + a), (b, m + a), (m + a, m + a))})
+
+    def folded(self, spans: list[Span], all_rows: bool) -> dict[Span, PairMoments]:
+        """:func:`folded_view` of each span over the rows to fit (``all_rows``: held-out rows
+        merged in)."""
+        main = self.moments(spans, all_rows)
+        mlp = self._read_mlp("mlp_moment", spans)
+        if all_rows and "mlp_heldout_count" in self.ds.attrs:
+            mlp = mlp.merge(self._read_mlp("mlp_heldout", spans))
+        return {s: folded_view(main, mlp, s, self.n_blocks) for s in spans}
+
+    def folded_heldout(self, spans: list[Span]) -> dict[Span, PairMoments]:
+        main, mlp = self.heldout(spans), self._read_mlp("mlp_heldout", spans)
+        return {s: folded_view(main, mlp, s, self.n_blocks) for s in spans}
+
+    def _read_mlp(self, prefix: str, spans: list[Span]) -> PairMoments:
+        from rba_store.stats.result import read_pair_moments
+
+        found = read_pair_moments(self.ds, prefix, self._mlp_needed(spans))
+        assert found is not None
+        return found
 
     def moments(self, spans: list[Span], all_rows: bool) -> PairMoments:
         """The joint moments of the rows to fit (``all_rows``: held-out rows merged in)."""
@@ -53,6 +86,32 @@ class SavedMoments:
         held = read_pair_moments(self.ds, "heldout", self._needed(spans))
         assert held is not None
         return held
+
+
+def folded_view(main: PairMoments, mlp: PairMoments, span: Span, n_blocks: int) -> PairMoments:
+    """The moments of X = m_a (point 0) and Y = h_b - r_a = h_b - h_a + m_a (point 1) of the
+    same rows, as a two-point :class:`PairMoments`: every block is a sum of saved blocks
+    (``main``: pairs of h points; ``mlp``: pairs with ``m_a``, index ``n_blocks + a``)."""
+    from rba_store.stats.moments import PairMoments
+
+    a, b = span
+    m = n_blocks + a
+
+    def s(p: int, q: int) -> np.ndarray:
+        return (main if max(p, q) <= n_blocks else mlp).block(p, q)
+
+    # Y = h_b - h_a + m_a, term by term: (point, sign).
+    terms = ((b, 1.0), (a, -1.0), (m, 1.0))
+    sxx = s(m, m)
+    sxy = sum(sign * s(m, q) for q, sign in terms)
+    syy = sum(si * sj * s(p, q) for p, si in terms for q, sj in terms)
+    mean_x = mlp.point_mean(m)
+    mean_y = main.point_mean(b) - main.point_mean(a) + mean_x
+    blocks = np.stack([sxx, sxy, syy])
+    d = sxx.shape[0]
+    return PairMoments(
+        int(main.n), np.concatenate([mean_x, mean_y]), (d, d), ((0, 0), (0, 1), (1, 1)), blocks
+    )
 
 
 def moments_source(
@@ -77,6 +136,7 @@ def moments_source(
         n_samples=n_samples,
         split=split,
         spans=spans,
+        fold=options.fold,
     )
     if found is None and options.source == "moments":
         holdout = ""
@@ -88,6 +148,16 @@ def moments_source(
             f"{holdout}' with the same --limit/--sample first, or pass --from auto"
         )
     if found is not None and options.source == "moments":
+        folded = [s for s in spans if options.fold and s[0] >= 1 and found.covers(s)]
+        uncovered = [s for s in folded if not found.covers(s, folded=True)]
+        if uncovered:
+            a, b = uncovered[0]
+            raise UsageError(
+                f"--from moments: the joint moments of stats/{found.name} do not cover block "
+                f"{a}'s MLP output, which the folded fit of span {a}:{b} needs; extract the "
+                "store with --mlp-outputs and run stats, or pass --from auto (block a is then "
+                "recomputed from the stored activations)"
+            )
         outside = [s for s in spans if not found.covers(s)]
         if outside:
             a, b = max(outside, key=lambda s: s[1] - s[0])
@@ -109,11 +179,12 @@ def saved_moments(
     n_samples: int,
     split: dict | None = None,
     spans: list[Span] | None = None,
+    fold: bool = False,
 ) -> SavedMoments | None:
     """Saved statistics with joint moments of exactly these rows: same store, tokens and
     selection, ``n_samples`` samples in all and, when ``split`` is given, the same held-out
     samples kept apart (statistics with a split also answer for all rows). Of several, the one
-    whose band covers the most of ``spans``."""
+    whose band covers the most of ``spans`` (``fold``: their folded fits)."""
     from rba_store.stats.result import saved_pairs  # stats imports the solver's backend
 
     wanted = normalize_json(
@@ -137,8 +208,8 @@ def saved_moments(
         pairs = saved_pairs(ds)
         if pairs is None:
             continue
-        found = SavedMoments(name, ds, frozenset(pairs))
-        score = sum(found.covers(s) for s in spans or [])
+        found = SavedMoments(name, ds, frozenset(pairs), frozenset(saved_pairs(ds, True) or ()))
+        score = sum(found.covers(s, fold and s[0] >= 1) for s in spans or [])
         if best is None or score > best[0]:
             best = (score, found)
     return None if best is None else best[1]

@@ -91,13 +91,17 @@ def stats_memory(
     cka: bool = True,
     holdout: bool = False,
     workers: int = 2,
+    mlp_pairs: int = 0,
 ) -> StatsMemory:
     """The memory of a ``stats`` pass over ``len(widths)`` points of ``tokens`` token vectors
     per sample, read ``shard_samples`` samples at a time (``itemsize`` bytes per stored value),
-    keeping the pairs at most ``band`` apart (None: every pair)."""
+    keeping the pairs at most ``band`` apart (None: every pair). ``mlp_pairs``: the pairs of
+    stored MLP outputs kept besides (``fold_pairs``; their L points are read too)."""
     k, p, wide = len(widths), int(sum(widths)), int(max(widths))
+    if mlp_pairs and cka:
+        p += (k - 1) * wide
     rows = shard_samples * tokens
-    pairs = n_band_pairs(k, band) if cka else 0
+    pairs = n_band_pairs(k, band) + mlp_pairs if cka else 0
     sets = 2 if holdout else 1
     partial = sets * (pairs * wide * wide * 8 + p * 8)
     reach = k if band is None else min(band + 1, k)

@@ -76,6 +76,17 @@ def band_pairs(n_points: int, band: int | None) -> tuple[Pair, ...]:
     return tuple((a, b) for a in range(n_points) for b in range(a, min(n_points, a + reach)))
 
 
+def fold_pairs(n_points: int, band: int | None) -> tuple[Pair, ...]:
+    """The pairs that folded fits of the spans in the band need besides :func:`band_pairs`,
+    in the joint numbering ``h0 .. hL, m1 .. mL`` (``m_a`` is ``L + a``): ``(m_a, m_a)`` and
+    ``(h_k, m_a)`` for ``a <= k <= a + band``."""
+    last = n_points - 1
+    reach = last if band is None else band
+    pairs = {(last + a, last + a) for a in range(1, n_points)}
+    pairs |= {(k, last + a) for a in range(1, n_points) for k in range(a, min(last, a + reach) + 1)}
+    return tuple(sorted(pairs))
+
+
 @dataclass
 class PairMoments:
     """Row count, mean and the centred co-moment blocks ``Σ (z_a - m_a)(z_b - m_b)ᵀ`` of some
@@ -115,6 +126,14 @@ class PairMoments:
 
     def covers(self, a: int, b: int) -> bool:
         return (min(a, b), max(a, b)) in self._index
+
+    def subset(self, pairs: Sequence[Pair], n_points: int | None = None) -> PairMoments:
+        """The moments of ``pairs`` only (a copy); ``n_points``: keep only the first points'
+        widths and means."""
+        pairs = tuple(sorted(set(pairs)))
+        widths = self.widths if n_points is None else self.widths[:n_points]
+        blocks = self.blocks[[self._index[p] for p in pairs]]
+        return PairMoments(self.n, self.mean[: sum(widths)].copy(), widths, pairs, blocks)
 
     def block(self, a: int, b: int) -> np.ndarray:
         """The (w_a, w_b) co-moment block of points a and b (a view)."""
@@ -252,6 +271,9 @@ class BlockPartials:
     norm_sum: np.ndarray  # (k,): Σ_samples ‖h_k‖
     moments: PairMoments  # of the rows to fit (all rows unless some samples are held out)
     heldout: PairMoments = field(default_factory=PairMoments.empty)  # of the held-out rows
+    # With MLP outputs (extract --mlp-outputs): the moments of fold_pairs, likewise split.
+    mlp: PairMoments = field(default_factory=PairMoments.empty)
+    mlp_heldout: PairMoments = field(default_factory=PairMoments.empty)
 
     def merge(self, other: BlockPartials, inplace: bool = False) -> BlockPartials:
         """``inplace``: the joint moments are added into this object's (a tree reduction's
@@ -265,6 +287,8 @@ class BlockPartials:
             self.norm_sum + other.norm_sum,
             self.moments.merge(other.moments, inplace),
             self.heldout.merge(other.heldout, inplace),
+            self.mlp.merge(other.mlp, inplace),
+            self.mlp_heldout.merge(other.mlp_heldout, inplace),
         )
 
 
@@ -273,8 +297,10 @@ def chunk_partials(
     cka: bool = True,
     xp: ModuleType = np,
     band: int | None = None,
+    mlp: Sequence[np.ndarray] = (),
 ) -> BlockPartials:
-    """Partials of one chunk: ``points[k]`` is ``h_k``, shape ``(n, t, c_k)``, any float dtype.
+    """Partials of one chunk: ``points[k]`` is ``h_k``, shape ``(n, t, c_k)``, any float dtype;
+    ``mlp[a - 1]`` block a's MLP output, whose pairs :func:`fold_pairs` join the joint moments.
 
     Every point is converted to float64 once. Per-sample squared changes between all pairs of
     points come from one batched Gram product (‖h_b - h_a‖² = ‖h_a‖² + ‖h_b‖² - 2<h_a, h_b>);
@@ -316,13 +342,23 @@ def chunk_partials(
             norms = token_norms[b - 1] * token_norms[b]
             cos[b - 1] = (dot / np.maximum(norms, _TINY)).sum()
     norm_sum = np.array([np.sqrt(s).sum() for s in sq_norm])
+    mlp_moments = PairMoments.empty()
     if cka and all(h.shape[1] == t for h in hs):
         widths = [p.shape[2] for p in points]
-        z = _joint_rows(points, n, t)
-        moments = PairMoments.from_rows(z, widths, band_pairs(k, band), xp, overwrite=True)
+        pairs = band_pairs(k, band)
+        if mlp:  # one product per point covers its band and its MLP-output partners
+            extra = fold_pairs(k, band)
+            z = _joint_rows([*points, *mlp], n, t)
+            joint = PairMoments.from_rows(
+                z, widths + [m.shape[2] for m in mlp], pairs + extra, xp, overwrite=True
+            )
+            moments, mlp_moments = joint.subset(pairs, k), joint.subset(extra)
+        else:
+            z = _joint_rows(points, n, t)
+            moments = PairMoments.from_rows(z, widths, pairs, xp, overwrite=True)
     else:  # CKA skipped, or impossible: it needs token rows shared by all points
         moments = PairMoments.empty()
-    return BlockPartials(n, n * t, sq, rel, cos, norm_sum, moments)
+    return BlockPartials(n, n * t, sq, rel, cos, norm_sum, moments, mlp=mlp_moments)
 
 
 def _joint_rows(points: Sequence[np.ndarray], n: int, t: int) -> np.ndarray:
@@ -344,17 +380,20 @@ def split_chunk_partials(
     cka: bool = True,
     xp: ModuleType = np,
     band: int | None = None,
+    mlp: Sequence[np.ndarray] = (),
 ) -> BlockPartials:
     """:func:`chunk_partials` of a chunk some of whose samples (boolean mask ``held``) are held
     out: every sum covers all samples, the joint moments of the held-out samples' rows are kept
     apart (``heldout``), so that a fit solves from the others and is judged on those."""
     if not held.any():
-        return chunk_partials(points, cka, xp, band)
-    kept = chunk_partials([p[held] for p in points], cka, xp, band)
-    kept = replace(kept, moments=PairMoments.empty(), heldout=kept.moments)
+        return chunk_partials(points, cka, xp, band, mlp)
+    kept = chunk_partials([p[held] for p in points], cka, xp, band, [m[held] for m in mlp])
+    empty = PairMoments.empty()
+    kept = replace(kept, moments=empty, heldout=kept.moments, mlp=empty, mlp_heldout=kept.mlp)
     if held.all():
         return kept
-    return chunk_partials([p[~held] for p in points], cka, xp, band).merge(kept, inplace=True)
+    rest = chunk_partials([p[~held] for p in points], cka, xp, band, [m[~held] for m in mlp])
+    return rest.merge(kept, inplace=True)
 
 
 def pair_moments_of_chunk(

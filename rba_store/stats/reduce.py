@@ -28,6 +28,7 @@ from rba_store.stats.moments import (
     Pair,
     PairMoments,
     band_pairs,
+    fold_pairs,
     hsic_of,
     pair_moments_of_chunk,
     split_chunk_partials,
@@ -50,12 +51,14 @@ def _shard_partials(
     cka: bool,
     backend: str,
     band: int | None,
+    n_h: int,
     *chunks: np.ndarray,
 ) -> BlockPartials:
+    """``chunks``: ``h0 .. hL`` (``n_h`` of them), then any MLP outputs ``m1 .. mL``."""
     points = [chunk[local_idx] for chunk in chunks]
     if cls_only:
         points = [p[:, :1] for p in points]
-    return split_chunk_partials(points, held, cka, get_xp(backend), band)
+    return split_chunk_partials(points[:n_h], held, cka, get_xp(backend), band, points[n_h:])
 
 
 def _merge(a: BlockPartials, b: BlockPartials) -> BlockPartials:
@@ -90,7 +93,10 @@ def stats_graph(
     ``band``: the joint moments of pairs at most this far apart are kept (None: every pair).
     """
     layout = store.layout
-    points = list(range(len(layout.points)))
+    n_h = len(layout.points)
+    # With MLP outputs stored, the joint moments cover them too (folded fits read them).
+    mlp = list(range(n_h, len(layout.all_points))) if cka and store.holds_mlp_outputs else []
+    points = list(range(n_h)) + mlp
     held = indices[:0] if held is None else held
     task = dask.delayed(on_shard, pure=True)
     parts = [
@@ -106,6 +112,7 @@ def stats_graph(
             cka,
             backend,
             band,
+            n_h,
         )
         for local, start, stop in shard_ranges(layout, indices)
     ]
@@ -216,6 +223,7 @@ def plan_stats(
             cka=with_cka and cka,
             holdout=holdout,
             workers=workers,
+            mlp_pairs=len(fold_pairs(k, band)) if store.holds_mlp_outputs else 0,
         )
 
     band: int | None = None if max_span >= k - 1 else max_span

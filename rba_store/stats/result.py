@@ -21,6 +21,9 @@ from rba_store.stats.moments import (
 
 # How saved statistics name the two sets of joint moments: the rows to fit, the held-out rows.
 MOMENT_SETS = ("moment", "heldout")
+# The joint moments of the MLP outputs' pairs (extract --mlp-outputs): the same two row sets.
+MLP_SETS = ("mlp_moment", "mlp_heldout")
+MLP_PREFIX = "mlp_"
 
 
 @dataclass
@@ -44,6 +47,10 @@ class BlockStats:
     # With a held-out split (``stats --holdout``): ``moments`` cover the rows to fit, these the
     # held-out rows, and every statistic above covers both.
     heldout: PairMoments | None = None
+    # With MLP outputs stored: the pairs (h_k, m_a) and (m_a, m_a) of the same rows, in the
+    # joint numbering h0..hL, m1..mL (rba_store.stats.moments.fold_pairs); folded fits.
+    mlp: PairMoments | None = None
+    mlp_heldout: PairMoments | None = None
 
     def all_moments(self) -> PairMoments | None:
         """The joint moments of every row the statistics cover."""
@@ -98,6 +105,8 @@ class BlockStats:
             moments=partials.moments if has_moments else None,
             widths=list(widths),
             heldout=partials.heldout if has_moments and partials.heldout.n else None,
+            mlp=partials.mlp if partials.mlp.n else None,
+            mlp_heldout=partials.mlp_heldout if partials.mlp_heldout.n else None,
         )
 
     def candidates(self, max_span: int = 4, top: int = 10) -> list[dict[str, Any]]:
@@ -171,6 +180,21 @@ class BlockStats:
             ds = ds.assign_coords(pair_a=("pair", pairs[:, 0]), pair_b=("pair", pairs[:, 1]))
             ds["feature_point"] = ("feature", np.repeat(points, self.widths))
             ds.attrs["moment_widths"] = [int(w) for w in self.widths]
+        mlp_sets = (self.mlp, self.mlp_heldout)
+        for prefix, moments in zip(MLP_SETS, mlp_sets, strict=True):
+            if moments is None:
+                continue
+            ds[f"{prefix}_mean"] = ("mlp_feature", moments.mean)
+            ds[f"{prefix}_blocks"] = (("mlp_pair", "channel", "channel_b"), moments.blocks)
+            ds[f"{prefix}_blocks"].encoding["chunks"] = (1, *moments.blocks.shape[1:])
+            ds.attrs[f"{prefix}_count"] = int(moments.n)
+        known = next((m for m in mlp_sets if m is not None), None)
+        if known is not None:
+            pairs = np.array(known.pairs, dtype=np.int64).reshape(-1, 2)
+            ds = ds.assign_coords(
+                mlp_pair_a=("mlp_pair", pairs[:, 0]), mlp_pair_b=("mlp_pair", pairs[:, 1])
+            )
+            ds.attrs["mlp_widths"] = [int(w) for w in known.widths]
         return ds
 
     @classmethod
@@ -180,7 +204,8 @@ class BlockStats:
         attrs = dict(ds.attrs)
         n_samples, n_rows = int(attrs.pop("n_samples")), int(attrs.pop("n_rows"))
         widths = [int(w) for w in attrs.pop("moment_widths", [])]
-        for prefix in MOMENT_SETS:
+        attrs.pop("mlp_widths", None)
+        for prefix in MOMENT_SETS + MLP_SETS:
             attrs.pop(f"{prefix}_count", None)
         if widths:
             attrs.setdefault("moment_band", None)  # saved before the band: every pair
@@ -200,6 +225,8 @@ class BlockStats:
             moments=fit_moments,
             widths=widths,
             heldout=heldout,
+            mlp=read_pair_moments(ds, "mlp_moment") if moments else None,
+            mlp_heldout=read_pair_moments(ds, "mlp_heldout") if moments else None,
         )
 
     def format_table(self, max_span: int = 4, top: int = 10) -> str:
@@ -245,13 +272,17 @@ def merged_hsic(fit: PairMoments, held: PairMoments) -> np.ndarray:
     return hsic
 
 
-def saved_pairs(ds: xr.Dataset) -> tuple[Pair, ...] | None:
-    """The pairs of points whose joint moments saved statistics hold (None: no moments)."""
-    if "moment_blocks" in ds:
+def saved_pairs(ds: xr.Dataset, mlp: bool = False) -> tuple[Pair, ...] | None:
+    """The pairs of points whose joint moments saved statistics hold (None: no moments);
+    ``mlp``: the pairs with MLP outputs (None where the store kept none)."""
+    a_name, b_name = ("mlp_pair_a", "mlp_pair_b") if mlp else ("pair_a", "pair_b")
+    if mlp and a_name not in ds.coords:
+        return None
+    if mlp or "moment_blocks" in ds:
         return tuple(
             zip(
-                (int(a) for a in ds["pair_a"].values),
-                (int(b) for b in ds["pair_b"].values),
+                (int(a) for a in ds[a_name].values),
+                (int(b) for b in ds[b_name].values),
                 strict=True,
             )
         )
@@ -263,15 +294,17 @@ def saved_pairs(ds: xr.Dataset) -> tuple[Pair, ...] | None:
 def read_pair_moments(
     ds: xr.Dataset, prefix: str = "moment", pairs: list[Pair] | None = None
 ) -> PairMoments | None:
-    """One set of saved joint moments (``moment``: the rows to fit, ``heldout``), all its pairs
+    """One set of saved joint moments (``moment``: the rows to fit, ``heldout``; ``mlp_moment``,
+    ``mlp_heldout``: the pairs with MLP outputs of the same rows), all its pairs
     or only ``pairs`` (a lazily opened ``ds`` then reads those blocks only). Reads both the
     band layout (``<prefix>_blocks``) and the whole matrix of earlier versions
     (``<prefix>_m2``)."""
     count = ds.attrs.get(f"{prefix}_count")
     if count is None:
         return None
-    widths = tuple(int(w) for w in ds.attrs["moment_widths"])
-    stored = saved_pairs(ds)
+    mlp = prefix.startswith(MLP_PREFIX)
+    widths = tuple(int(w) for w in ds.attrs["mlp_widths" if mlp else "moment_widths"])
+    stored = saved_pairs(ds, mlp)
     assert stored is not None
     wanted = stored if pairs is None else tuple(sorted(set(pairs)))
     mean = np.asarray(ds[f"{prefix}_mean"].values, dtype=np.float64)

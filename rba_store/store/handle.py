@@ -42,7 +42,6 @@ from rba_store.store.layout import (
     decode_sample_ids,
     decode_values,
     dims_of,
-    h_name,
     storage_dtype,
 )
 
@@ -117,12 +116,12 @@ class Store:
         comp = compressors(layout.codec, layout.clevel)
         h_dims, feature_dims = dims_of(layout)
         n, chunk, shard = layout.n_samples, layout.chunk_samples, layout.shard_samples
-        points = layout.points if description.get("activations") != NOT_STORED else ()
+        points = layout.all_points if description.get("activations") != NOT_STORED else ()
         bf16 = {DTYPE_ATTR: BFLOAT16} if layout.dtype == BFLOAT16 else {}
         for k, point in enumerate(points):
             shape = (n, point.n_tokens, point.n_channels)
             group.create_array(
-                h_name(k),
+                layout.array_name(k),
                 shape=shape,
                 chunks=(chunk, *shape[1:]),
                 shards=(shard, *shape[1:]),
@@ -267,15 +266,23 @@ class Store:
         return self._arrays[name]
 
     def point(self, k: int) -> zarr.Array:
-        """``h_k``: the residual stream after ``k`` blocks."""
+        """``h_k``: the residual stream after ``k`` blocks (``k > L``: block ``k - L``'s MLP
+        output, see :attr:`StoreLayout.all_points`)."""
         self._require_activations()
-        return self.array(h_name(k))
+        return self.array(self.layout.array_name(k))
 
     @property
     def activation_names(self) -> list[str]:
-        """The ``h`` arrays the store holds: none for a ``--no-activations`` store (an older
-        store of that kind has them, unwritten, reading as zeros: they are not listed)."""
-        return [h_name(k) for k in range(len(self.layout.points))] if self.holds_activations else []
+        """The ``h`` (and ``m``) arrays the store holds: none for a ``--no-activations`` store
+        (an older store of that kind has them, unwritten, reading as zeros: not listed)."""
+        if not self.holds_activations:
+            return []
+        return [self.layout.array_name(k) for k in range(len(self.layout.all_points))]
+
+    @property
+    def holds_mlp_outputs(self) -> bool:
+        """True for a store extracted with ``--mlp-outputs`` (arrays ``m1 .. mL``)."""
+        return bool(self.layout.mlp_points) and self.holds_activations
 
     @property
     def holds_activations(self) -> bool:
@@ -283,7 +290,7 @@ class Store:
         return self.description.get("activations") != NOT_STORED
 
     def read_points(self, points: Sequence[int], start: int, stop: int) -> list[np.ndarray]:
-        """``h_k[start:stop]`` for every k in ``points``."""
+        """``h_k[start:stop]`` for every k in ``points`` (joint numbering: ``m_a`` is ``L + a``)."""
         self._require_activations()
         dtype = self.layout.dtype
         return [decode_values(self.point(k)[start:stop], dtype) for k in points]

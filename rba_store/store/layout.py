@@ -5,6 +5,8 @@ that knows the store's array paths and attribute keys (``docs/STORE.md`` says it
 store is one Zarr v3 group:
 
 - ``h0`` … ``hL``: the residual stream after k blocks, dims ``("sample", "token", "channel")``;
+- ``m1`` … ``mL`` (``extract --mlp-outputs`` only): block k's MLP output (after its LayerScale),
+  the same dims; ``h_k = r_k + m_k`` (what folded maps are fitted on);
 - ``features`` (``"sample", "channel"``), ``label`` (``"sample"``, int64) and ``sample_id``
   (``"sample", "byte"``, uint8: each id's UTF-8 bytes, zero-padded; see :func:`encode_sample_ids`);
 - ``ledger/shards`` (``"shard"``, uint8): 1 where every array's shard has been written;
@@ -93,6 +95,11 @@ def h_name(point_idx: int) -> str:
     return f"h{point_idx}"
 
 
+def m_name(block: int) -> str:
+    """Name of the array holding block ``block``'s MLP output (``extract --mlp-outputs``)."""
+    return f"m{block}"
+
+
 @dataclass(frozen=True)
 class CapturePoint:
     """Shape of one stored capture point per sample: ``(n_tokens, n_channels)``."""
@@ -118,10 +125,26 @@ class StoreLayout:
     sample_id_bytes: int | None = DEFAULT_SAMPLE_ID_BYTES
     # Language models: tokens per window; the store then keeps the windows' ``input_ids``.
     seq_len: int | None = None
+    # ``extract --mlp-outputs``: m1 .. mL, each block's MLP output (empty: not stored).
+    mlp_points: tuple[CapturePoint, ...] = ()
 
     @property
     def n_blocks(self) -> int:
         return len(self.points) - 1
+
+    @property
+    def all_points(self) -> tuple[CapturePoint, ...]:
+        """Every stored point in the joint numbering: ``h0 .. hL``, then ``m1 .. mL`` (index
+        ``L + a`` is block a's MLP output)."""
+        return self.points + self.mlp_points
+
+    def array_name(self, k: int) -> str:
+        """The array of joint point ``k`` (see :attr:`all_points`)."""
+        return h_name(k) if k <= self.n_blocks else m_name(k - self.n_blocks)
+
+    def mlp_index(self, block: int) -> int:
+        """The joint index of block ``block``'s MLP output."""
+        return self.n_blocks + block
 
     @property
     def n_shards(self) -> int:
@@ -154,14 +177,19 @@ class StoreLayout:
             attrs["sample_id_bytes"] = self.sample_id_bytes
         if self.seq_len is not None:  # absent from vision stores
             attrs["seq_len"] = self.seq_len
+        if self.mlp_points:  # absent unless extracted with --mlp-outputs
+            attrs["mlp_points"] = [asdict(p) for p in self.mlp_points]
         return attrs
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreLayout:
-        points = tuple(
-            CapturePoint(p["n_tokens"], p["n_channels"], tuple(p["source_shape"]))
-            for p in attrs["points"]
-        )
+        def capture_points(key: str) -> tuple[CapturePoint, ...]:
+            return tuple(
+                CapturePoint(p["n_tokens"], p["n_channels"], tuple(p["source_shape"]))
+                for p in attrs.get(key, [])
+            )
+
+        points = capture_points("points")
         return cls(
             n_samples=attrs["n_samples"],
             points=points,
@@ -173,6 +201,7 @@ class StoreLayout:
             clevel=attrs["clevel"],
             sample_id_bytes=attrs.get("sample_id_bytes"),
             seq_len=attrs.get("seq_len"),
+            mlp_points=capture_points("mlp_points"),
         )
 
 
@@ -190,6 +219,7 @@ def plan_layout(
     shard_samples: int | None = None,
     sample_ids: Sequence[str] | None = None,
     seq_len: int | None = None,
+    mlp_points: Sequence[CapturePoint] = (),
 ) -> StoreLayout:
     """Choose chunk and shard sizes: chunks of about ``chunk_mb``, shards of whole chunks.
 
@@ -236,6 +266,7 @@ def plan_layout(
         if sample_ids is None
         else sample_id_width(sample_ids),
         seq_len=seq_len,
+        mlp_points=tuple(mlp_points),
     )
 
 
@@ -292,12 +323,13 @@ def dims_of(layout: StoreLayout) -> tuple[list[tuple[str, str, str]], tuple[str,
     otherwise (CNNs) each array gets its own ``token_hK``/``channel_hK`` dims, since xarray needs
     arrays sharing a dimension name to agree on its length.
     """
-    shared = len({(p.n_tokens, p.n_channels) for p in layout.points}) == 1
+    shared = len({(p.n_tokens, p.n_channels) for p in layout.all_points}) == 1
+    names = [layout.array_name(k) for k in range(len(layout.all_points))]
     h_dims = [
         (SAMPLE_DIM, "token", "channel")
         if shared
-        else (SAMPLE_DIM, f"token_{h_name(k)}", f"channel_{h_name(k)}")
-        for k in range(len(layout.points))
+        else (SAMPLE_DIM, f"token_{name}", f"channel_{name}")
+        for name in names
     ]
     channel_len = layout.points[0].n_channels if shared else None
     feature_dim = "channel" if layout.n_features == channel_len else "feature"

@@ -9,7 +9,7 @@ import numpy as np
 
 from rba_store.store.fingerprint import fingerprint
 from rba_store.store.handle import Store
-from rba_store.store.layout import h_name, storage_dtype
+from rba_store.store.layout import storage_dtype
 
 
 def validate_store(store: Store | str | Path) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def validate_store(store: Store | str | Path) -> dict[str, Any]:
             "the fingerprint does not match the attributes: they were edited after extraction"
         )
     layout = store.layout
-    names = [h_name(k) for k in range(len(layout.points))] if store.holds_activations else []
+    names = store.activation_names
     arrays = {}
     for k, name in enumerate(names):
         try:
@@ -30,7 +30,7 @@ def validate_store(store: Store | str | Path) -> dict[str, Any]:
         except KeyError:
             problems.append(f"array {name} is missing")
             continue
-        point = layout.points[k]
+        point = layout.all_points[k]
         expected = (layout.n_samples, point.n_tokens, point.n_channels)
         if tuple(array.shape) != expected or array.dtype != storage_dtype(layout.dtype):
             problems.append(
