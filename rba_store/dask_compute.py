@@ -12,6 +12,8 @@ from dask.delayed import Delayed
 
 from rba_store.errors import NotFoundError, UsageError
 
+THREADS_ENV = "RBA_STORE_THREADS"  # set by the CLI's --threads N (rba_store/cli/threads.py)
+
 
 def tree_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any]) -> Delayed:
     """Combine delayed partial results pairwise, level by level (a balanced tree)."""
@@ -20,6 +22,15 @@ def tree_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any]) -> Del
         paired = [merge(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
         parts = paired + ([parts[-1]] if len(parts) % 2 else [])
     return parts[0]
+
+
+def shared_constant(client: Any, value: Any) -> Any:
+    """``value`` once in the graph, however many tasks take it: on a cluster, scattered to the
+    workers (a future: the graph holds its key, so no "Sending large graph" for large maps);
+    locally, one delayed constant."""
+    if client is not None:
+        return client.scatter([value], broadcast=False)[0]  # a list: one future for all of it
+    return dask.delayed(value, traverse=False)
 
 
 def check_scheduler_file(scheduler_file: str | None) -> None:
@@ -65,25 +76,34 @@ def compute(
         return compute_with(client, graph, n_tasks)
 
 
+def local_threads() -> int:
+    """Threads of a local computation: ``$RBA_STORE_THREADS`` (what ``--threads N`` sets), else
+    every core."""
+    env = os.environ.get(THREADS_ENV, "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return os.cpu_count() or 1
+
+
 def compute_with(client: Any, graph: Delayed, n_tasks: int = 1) -> Any:
     """Compute on ``client``'s cluster, or locally when it is None.
 
-    Locally, the shard tasks' GEMMs share the cores with Dask's threads: BLAS gets
-    ``cores // concurrent tasks`` threads each, so that one task's GEMM does not fight another's
-    (oversubscription) and one task's read overlaps another's GEMM.
+    Locally, Dask runs :func:`local_threads` threads, and the shard tasks' GEMMs share them:
+    BLAS gets ``threads // concurrent tasks`` threads each, so that one task's GEMM does not
+    fight another's (oversubscription) and one task's read overlaps another's GEMM.
     """
     if client is not None:
         return client.compute(graph).result()
     from threadpoolctl import threadpool_limits
 
-    cores = os.cpu_count() or 1
-    blas_threads = max(1, cores // max(1, min(n_tasks, cores)))
+    threads = local_threads()
+    blas_threads = max(1, threads // max(1, min(n_tasks, threads)))
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        return graph.compute()
+        return graph.compute(num_workers=threads)  # the threaded scheduler (or one configured)
 
 
 def concurrency(client: Any) -> int:
-    """How many tasks run at once: the cluster's worker threads, or the local cores."""
+    """How many tasks run at once: the cluster's worker threads, or the local threads."""
     if client is not None:
         return max(1, sum(client.nthreads().values()))
-    return os.cpu_count() or 1
+    return local_threads()

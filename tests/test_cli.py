@@ -65,9 +65,9 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = tmp_path / "never.zarr"
     code, stdout, _ = run_cli(capsys, "extract", "--dry-run", "--out", out, "--dtype", "float16")
     assert code == 0
-    assert "store size" in stdout and "memory" in stdout and "nothing was written" in stdout
-    raw = 1077 * (13 * 17 * 64 + 64) * 2  # the digits train split: 1,077 images
-    assert f"{raw / 2**20:,.1f} MB uncompressed" in stdout
+    assert "disk" in stdout and "memory" in stdout and "nothing was written" in stdout
+    raw = 1077 * 13 * 17 * 64 * 2  # the digits train split: 1,077 images
+    assert f"activations {raw / 2**20:,.1f} MiB raw" in stdout
     assert not out.exists()
 
 

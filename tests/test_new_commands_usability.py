@@ -280,13 +280,13 @@ def test_dry_run_and_info_count_the_moments_not_activations(
     assert "none of h0..h12" in stdout and "joint moments of 832 channels" in stdout
     pairs, p = 13 * 14 // 2, 13 * 64  # every pair of points a <= b: a small model
     assert "91 of 91 pairs of points" in stdout
-    assert f"{8 * (pairs * 64 * 64 + p) / 2**20:,.1f} MB saved in the store" in stdout
-    assert "store size  0.0 MB uncompressed (features, labels, ids)" in stdout
+    assert f"{8 * (pairs * 64 * 64 + p) / 2**20:,.1f} MiB saved in the store" in stdout
+    assert "no activations; features, labels and ids" in stdout
     code, with_h, _ = run_cli(capsys, *base, "--dry-run")
-    assert "store size  0.0 MB" not in with_h
+    assert "no activations" not in with_h
     assert run_cli(capsys, *base, "--no-activations")[0] == 0
     code, stdout, _ = run_cli(capsys, "info", out)
-    analyses = stdout.split("saved analyses ")[1].split(" MB")[0]
+    analyses = stdout.split("saved analyses ")[1].split(" MiB")[0]
     on_disk = sum(f.stat().st_size for f in (out / "stats").rglob("*") if f.is_file())
     assert analyses == f"{on_disk / 2**20:.1f}" and on_disk > 2**20
 

@@ -28,8 +28,9 @@ PIPELINE = (
     "apply",
 )
 GLOBAL_OPTIONS = (
-    "Anywhere on the line: --threads N (CPU threads of torch and BLAS; default "
-    "$OMP_NUM_THREADS, else half the CPUs), --verbose/-v (tracebacks and progress logging)."
+    "Anywhere on the line: --threads N (CPU threads of torch, BLAS and Dask's local scheduler; "
+    "default $OMP_NUM_THREADS for torch and BLAS, else half the CPUs, and every core for Dask), "
+    "--verbose/-v (tracebacks and progress logging)."
 )
 
 
@@ -145,8 +146,8 @@ def _root(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="CPU threads of torch and BLAS, anywhere on the line [default: "
-            "$OMP_NUM_THREADS, else half the CPUs].",
+            help="CPU threads of torch, BLAS and Dask's local scheduler, anywhere on the line "
+            "[default: $OMP_NUM_THREADS, else half the CPUs; Dask: every core].",
             metavar="N",
             show_default=False,
         ),

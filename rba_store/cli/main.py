@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args, threads = pop_threads(args)
-        with cpu_threads(threads or default_threads()):
+        with cpu_threads(threads or default_threads(), explicit=threads is not None):
             result: Any = app(args=args, prog_name="rba-store", standalone_mode=False)
     except TyperException as e:  # usage errors from parsing (typer's vendored click)
         if type(e).__name__ == "NoArgsIsHelpError":

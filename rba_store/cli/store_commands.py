@@ -23,9 +23,13 @@ from rba_store.errors import Interrupted, UsageError
 
 
 def _default_out(model: str | None, data: str, split: str | None) -> Path:
+    from rba_store.extract.default_lm import is_default_lm
     from rba_store.extract.default_model import MODEL_NAME
 
-    stem = "_".join(x for x in (model or MODEL_NAME, Path(data).stem, split) if x)
+    # The embedded language model reads its own corpus when --data is left at its default.
+    corpus = None if is_default_lm(model) and data == "digits" else Path(data).stem
+    name = Path(model).name if model else MODEL_NAME
+    stem = "_".join(x for x in (name, corpus, split) if x)
     return Path("runs") / (re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) + ".zarr")
 
 
@@ -107,6 +111,14 @@ def extract(
             "--no-activations", help="With --stats: keep only the statistics, not the h arrays."
         ),
     ] = False,
+    mlp_outputs: Annotated[
+        bool,
+        typer.Option(
+            "--mlp-outputs",
+            help="Also store each block's MLP output (m1..mL, L more arrays): 'stats' then "
+            "keeps their joint moments, so 'fit --fold' solves from them (--from moments).",
+        ),
+    ] = False,
     holdout: Annotated[
         float | None,
         typer.Option(
@@ -129,8 +141,21 @@ def extract(
         typer.Option(help="Leave out images that cannot be read (recorded in the store)."),
     ] = False,
     dry_run: Annotated[
-        bool, typer.Option(help="Print the store's size and memory per batch; write nothing.")
+        bool,
+        typer.Option(
+            help="Print the store's size on disk (compression measured on a few samples), the "
+            "free disk and the peak memory; write nothing."
+        ),
     ] = False,
+    plan_samples: Annotated[
+        int | None,
+        typer.Option(
+            help="With --dry-run: plan for N samples, however many the data holds now (e.g. "
+            "the full data set before it is copied here).",
+            metavar="N",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing store made with another configuration.")
     ] = False,
@@ -165,17 +190,26 @@ def extract(
         stats_holdout_seed=holdout_seed,
         seq_len=seq_len,
         checkpoint_every=checkpoint_every,
+        mlp_outputs=mlp_outputs,
     )
+    if plan_samples is not None and (not dry_run or plan_samples < 1):
+        raise UsageError(
+            f"--plan-samples {plan_samples} is invalid; pass a positive number of samples"
+            if dry_run
+            else "--plan-samples only plans: add --dry-run (to extract at most N samples, use "
+            "--limit N)"
+        )
     out = out or _default_out(model, data, split)
     check_store_out(out)
-    plan = plan_extraction(options)
+    plan = plan_extraction(options, count_only=dry_run)
+    _note_limit(limit, plan.layout.n_samples, dry_run)
     if plan.random_weights:  # at the start, and again at the end of a long run
         _warn_random_weights(plan)
     layout = plan.layout
     point = layout.points[0]
     shape = f"{layout.n_samples} x {point.n_tokens} tokens x {point.n_channels} channels"
     if dry_run:
-        typer.echo(_dry_run(plan, out, shape))
+        typer.echo(_dry_run(plan, out, plan_samples))
         return
     # Progress counts this worker's share of the store (all of it with one worker).
     mine = [s for s in range(layout.n_shards) if s % num_workers == worker_index]
@@ -227,7 +261,9 @@ def extract(
         _warn_random_weights(plan)
     ratio = info["compression_ratio"]
     stored = (
-        f"h0..h{layout.n_blocks}: {shape}, {layout.dtype}; stored "
+        f"h0..h{layout.n_blocks}"
+        + (f" and m1..m{layout.n_blocks}" if layout.mlp_points else "")
+        + f": {shape}, {layout.dtype}; stored "
         if not no_activations
         else f"no activations stored (--no-activations): statistics only, saved analyses "
         f"{mb(info['bytes_analyses'])}; features, labels and ids: stored "
@@ -278,44 +314,124 @@ def _warn_random_weights(plan: Any) -> None:
     )
 
 
-def _dry_run(plan: Any, out: Path, shape: str) -> str:
-    """What ``extract --dry-run`` prints: what would be written, and the memory it takes."""
-    layout, options = plan.layout, plan.options
-    sizes = plan.sizes()
+def _note_limit(limit: int | None, n_samples: int, dry_run: bool) -> None:
+    """Say when --limit asks for more samples than the data holds (it means "at most")."""
+    if limit is not None and limit > n_samples:
+        typer.echo(
+            f"rba-store: note: --limit {limit:,} is more than the {n_samples:,} samples the data "
+            f"holds; {'planning' if dry_run else 'extracting'} all {n_samples:,}"
+            + (
+                f" (to plan for {limit:,}, pass --plan-samples {limit})"
+                if dry_run
+                else f" (to plan for {limit:,}, use --dry-run --plan-samples {limit})"
+            ),
+            err=True,
+        )
+
+
+def _dry_run(plan: Any, out: Path, plan_samples: int | None) -> str:
+    """What ``extract --dry-run`` prints: what would be written, its size on disk against the
+    free disk, and the peak memory of the run (see :mod:`rba_store.extract.dry_run`)."""
+    from rba_store.extract.dry_run import binary_size as size
+    from rba_store.extract.dry_run import dry_run
+
+    options = plan.options
+    report = dry_run(plan, out, plan_samples)
+    layout, disk, memory = report.layout, report.disk, report.memory
+    point = layout.points[0]
+    shape = f"{layout.n_samples:,} x {point.n_tokens} tokens x {point.n_channels} channels"
+    kind = "images" if plan.loaded.family != "language" else "text windows"
+    counted = (
+        f"{report.n_samples:,} planned (--plan-samples); the data holds {report.n_available:,}"
+        if plan_samples is not None
+        else f"{report.n_samples:,} (all the data holds"
+        + (f", --limit {options.limit:,}" if options.limit else "")
+        + ")"
+    )
+    if plan.description["data"].get("source") == "folder":
+        counted += f"; {kind} counted, not decoded (the run refuses or skips unreadable ones)"
     arrays = (
         f"  arrays      h0..h{layout.n_blocks} of {shape}, {layout.dtype}, tokens={options.tokens}"
         if options.store_activations
         else f"  arrays      none of h0..h{layout.n_blocks} ({shape}): --no-activations keeps "
         "only the statistics, features, labels and ids"
     )
+    if not options.store_activations:
+        activations = "no activations"
+    elif disk.ratio is None:
+        activations = f"activations {size(disk.activations_raw)} (compression not measured)"
+    else:
+        activations = (
+            f"activations {size(disk.activations_raw)} raw -> {size(disk.activations)} with "
+            f"{layout.codec} (ratio {disk.ratio:.3f}, measured on the first {disk.sample_size} "
+            "samples)"
+        )
+    parts = [activations, f"features, labels and ids {size(disk.other)}"]
+    if disk.weights:
+        parts.append(f"random weights kept in the store {size(disk.weights)}")
+    if disk.moments:
+        sets = " x 2 (--holdout)" if options.stats_holdout else ""
+        p = sum(point.n_channels for point in layout.points)
+        parts.append(
+            f"joint moments of {p:,} channels in float64{sets}, {disk.moments_pairs[0]} of "
+            f"{disk.moments_pairs[1]} pairs of points: {size(disk.moments)} saved in the store"
+        )
     lines = [
         f"dry run: {plan.loaded.name} on {plan.description['data']['source']} -> {out}",
+        f"  samples     {counted}",
         arrays,
         f"  layout      {layout.chunk_samples} samples/chunk, {layout.shard_samples} "
-        f"samples/shard, {layout.n_shards} shards, codec {layout.codec}",
-        f"  store size  {mb(sizes['store_bytes_raw'])} uncompressed"
-        + (
-            " (lossless codecs save 10-20% on float activations)"
-            if options.store_activations
-            else " (features, labels, ids)"
-        ),
+        f"samples/shard, {layout.n_shards:,} shards, codec {layout.codec} "
+        f"(level {layout.clevel})",
+        f"  disk        about {size(disk.total)}: " + "; ".join(parts),
     ]
-    if "moments_bytes" in sizes:
-        p = sum(point.n_channels for point in layout.points)
-        sets = " x 2 (--holdout)" if options.stats_holdout else ""
+    if disk.later_stats:
         lines.append(
-            f"  statistics  joint moments of {p:,} channels in float64{sets}, "
-            f"{sizes['moments_pairs']} of {sizes['moments_total_pairs']} pairs of points: "
-            f"{mb(sizes['moments_bytes'])} saved in the store, about "
-            f"{mb(sizes['moments_peak_bytes'])} of memory while folding a shard"
+            f"              a later 'rba-store stats' saves about {size(disk.later_stats)} more "
+            "(joint moments in float64)"
         )
-    lines += [
-        f"  memory      {mb(sizes['batch_activation_bytes'])} per batch of "
-        f"{min(options.batch_size, layout.shard_samples)} (float32), "
-        f"{mb(sizes['shard_buffer_bytes'])} per shard buffer, "
-        f"about {mb(sizes['peak_bytes_estimate'])} in all",
-        "  nothing was written",
-    ]
+    if disk.free is None:
+        lines.append(f"  free disk   unknown at {disk.free_path}")
+    else:
+        fits = disk.total <= disk.free
+        lines.append(
+            f"  free disk   {size(disk.free)} at {disk.free_path}: "
+            + (
+                "enough"
+                + (
+                    ""
+                    if not disk.later_stats or disk.total + disk.later_stats <= disk.free
+                    else ", but not for the statistics of a later 'rba-store stats' as well"
+                )
+                if fits
+                else f"NOT ENOUGH, {size(disk.total - disk.free)} short"
+            )
+        )
+        if not fits:
+            typer.echo(
+                f"rba-store: warning: the store needs about {size(disk.total)} and "
+                f"{size(disk.free)} is free at {disk.free_path}; free space, choose another "
+                "--out, or store less (--dtype float16, --tokens cls or random:K, "
+                "--no-activations with --stats)",
+                err=True,
+            )
+    stats = f", folding the moments {size(memory.stats)}" if memory.stats else ""
+    lines.append(
+        f"  memory      peak about {size(memory.peak)}: this process now {size(memory.process)} "
+        "(libraries, model"
+        + (", weights kept for the store" if plan.weights_payload else "")
+        + f"), inputs {size(memory.loader)} (2 batches of {report.batch}), forward pass "
+        f"{size(memory.forward)} (a batch of every point in float32 and the largest step), "
+        f"shard buffers {size(memory.shard_buffers)} ({memory.n_shard_buffers} x "
+        f"{layout.shard_samples} samples){stats}"
+        + (f"; {size(memory.available)} available" if memory.available is not None else "")
+    )
+    if memory.available is not None and memory.peak > memory.available:
+        lines.append(
+            "              more than is available: lower --batch-size, --shard-mb or "
+            "--shard-samples"
+        )
+    lines.append("  nothing was written")
     return "\n".join(lines)
 
 

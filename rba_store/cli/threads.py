@@ -18,6 +18,10 @@ from collections.abc import Iterator
 from rba_store.errors import UsageError
 
 _ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Set only by an explicit --threads: Dask's local threads (rba_store.dask_compute.local_threads).
+# Without it the analyses keep every core for Dask (reading and decompressing shards), with BLAS
+# threads split between the concurrent tasks.
+DASK_ENV = "RBA_STORE_THREADS"
 
 
 def default_threads() -> int:
@@ -44,11 +48,17 @@ def pop_threads(args: list[str]) -> tuple[list[str], int | None]:
 
 
 @contextlib.contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` threads for torch and BLAS; restore the previous settings afterwards."""
-    saved = {k: os.environ.get(k) for k in _ENV}
+def cpu_threads(n: int, explicit: bool = False) -> Iterator[None]:
+    """Run with ``n`` threads for torch and BLAS; restore the previous settings afterwards.
+
+    ``explicit`` (``--threads N`` given): Dask's local scheduler runs ``n`` threads too, and
+    the BLAS threads of its concurrent tasks add up to ``n``."""
+    keys = (*_ENV, DASK_ENV)
+    saved = {k: os.environ.get(k) for k in keys}
     for key in _ENV:  # libraries not yet loaded read these when they start
         os.environ[key] = str(n)
+    if explicit:
+        os.environ[DASK_ENV] = str(n)
     torch = sys.modules.get("torch")
     previous = torch.get_num_threads() if torch is not None else None
     try:

@@ -187,8 +187,11 @@ def _check_options(options: ExtractOptions) -> None:
             raise UsageError(f"{flag} {value} is invalid; pass a positive size in MB (e.g. 4)")
 
 
-def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
-    """Build the model and the data source and probe the shapes, without touching any store."""
+def plan_extraction(options: ExtractOptions, *, count_only: bool = False) -> ExtractionPlan:
+    """Build the model and the data source and probe the shapes, without touching any store.
+
+    ``count_only`` (``--dry-run``): count the images of a folder without decoding them all (the
+    run itself refuses, or skips, the unreadable ones)."""
     _check_options(options)
     if is_language_model_dir(options.model):
         return _plan_language(options)
@@ -200,7 +203,10 @@ def plan_extraction(options: ExtractOptions) -> ExtractionPlan:
                 "drop it for a vision model"
             )
     source = open_source(
-        options.data, options.split, options.limit, skip_unreadable=options.skip_unreadable
+        options.data,
+        options.split,
+        options.limit,
+        skip_unreadable=None if count_only else options.skip_unreadable,
     )
     loaded = build_model(
         options.model,

@@ -10,7 +10,14 @@ from typing import Any
 import dask
 import numpy as np
 
-from rba_store.dask_compute import compute, compute_with, concurrency, dask_client, tree_reduce
+from rba_store.dask_compute import (
+    compute,
+    compute_with,
+    concurrency,
+    dask_client,
+    shared_constant,
+    tree_reduce,
+)
 from rba_store.errors import NonFiniteError
 from rba_store.solve._backend import get_xp
 from rba_store.solve.checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
@@ -109,14 +116,18 @@ def holdout_sums(
     maps: list[tuple[int, int, Any, Any]],
     options: FitOptions,
 ) -> list[HoldoutSums]:
+    """Held-out sums of every map over the samples ``indices``, one task per shard. The maps
+    (D x D each) enter the graph once, not once per task (:func:`shared_constant`)."""
     points = sorted({a for a, *_ in maps} | {b for _, b, *_ in maps})
     task = dask.delayed(on_shard, pure=True)
-    parts = [
-        task(_holdout, store, points, start, stop, local, cls_only, maps, points)
-        for local, start, stop in shard_ranges(store.layout, indices)
-    ]
-    merged = tree_reduce(parts, _merge_holdout)
-    return compute(merged, options.scheduler, options.scheduler_file, len(parts))
+    with dask_client(options.scheduler, options.scheduler_file) as client:
+        shared = shared_constant(client, maps)
+        parts = [
+            task(_holdout, store, points, start, stop, local, cls_only, shared, points)
+            for local, start, stop in shard_ranges(store.layout, indices)
+        ]
+        merged = tree_reduce(parts, _merge_holdout)
+        return compute_with(client, merged, len(parts))
 
 
 def equations(

@@ -14,6 +14,7 @@ from rba_store.store.layout import (
     LABEL,
     SAMPLE_ID,
     TOKEN_POSITIONS,
+    WEIGHTS_PATH,
 )
 from rba_store.store.selection import how_to_finish
 
@@ -78,6 +79,10 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
         "run": description.get("run", {}),
         "analyses": {kind: store.list_analyses(kind) for kind in ANALYSIS_KINDS},
         "bytes_analyses": _bytes_below(store.root, ANALYSIS_KINDS),
+        # Everything in the folder, as a disk counts it: activations, features, labels and ids,
+        # the kept weights, the saved analyses, partial statistics, ledger and metadata.
+        "bytes_on_disk": _bytes_on_disk(store.root),
+        "bytes_weights": _bytes_below(store.root, (WEIGHTS_PATH,)),
         "activations": store.holds_activations,
         "how_to_finish": None if complete.all() else how_to_finish(store),
     }
@@ -90,8 +95,21 @@ def _bytes_below(root: Path, folders: tuple[str, ...]) -> int:
     )
 
 
+def _bytes_on_disk(root: Path) -> int:
+    """Bytes the folder takes on disk: allocated blocks where the system says (``du``), else
+    the files' sizes."""
+    total = 0
+    for f in root.rglob("*"):
+        st = f.lstat()
+        if f.is_file() and not f.is_symlink():
+            blocks = getattr(st, "st_blocks", None)
+            total += blocks * 512 if blocks is not None else st.st_size
+    return total
+
+
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB"
+    """Bytes in binary units (MiB, GiB)."""
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -111,7 +129,9 @@ def format_info(info: dict[str, Any]) -> str:
         + f" samples={info['n_samples']}"
         + (f" (limit {data['limit']})" if data.get("limit") else ""),
         (
-            f"arrays     h0..h{info['n_blocks']} {tuple(h0['shape'])} {h0['dims']} "
+            f"arrays     h0..h{info['n_blocks']}"
+            + (f" and m1..m{info['n_blocks']} (MLP outputs)" if "m1" in info["arrays"] else "")
+            + f" {tuple(h0['shape'])} {h0['dims']} "
             f"{info['dtype']}, tokens={info['tokens']}; "
             if h0
             else f"arrays     NO activations (extracted with --no-activations: h0..h"
@@ -120,9 +140,12 @@ def format_info(info: dict[str, Any]) -> str:
         + f"features {tuple(info['arrays']['features']['shape'])}",
         f"chunks     {info['chunk_samples']} samples/chunk, {info['shard_samples']} samples/shard, "
         f"codec {info['codec']['name']} (level {info['codec']['clevel']})",
-        f"size       {_mb(info['bytes_stored'])} stored, {_mb(info['bytes_raw'])} raw"
-        + (f", ratio {ratio:.3f}" if ratio else "")
-        + f"; saved analyses {_mb(info['bytes_analyses'])}",
+        f"size       {_mb(info['bytes_on_disk'])} on disk in all: activations and features "
+        f"{_mb(info['bytes_stored'])} stored of {_mb(info['bytes_raw'])} raw"
+        + (f" (ratio {ratio:.3f})" if ratio else "")
+        + f", saved analyses {_mb(info['bytes_analyses'])}"
+        + (f", kept weights {_mb(info['bytes_weights'])}" if info["bytes_weights"] else "")
+        + ", labels, ids, ledger and metadata the rest",
         f"complete   {'yes' if info['complete'] else 'NO'}: {info['shards_complete']}/"
         f"{info['n_shards']} shards, {info['samples_complete']}/{info['n_samples']} samples",
     ]
