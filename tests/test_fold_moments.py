@@ -42,9 +42,7 @@ def mlp_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fold-moments") / "digits.zarr"
     _mlp_store(out)
     store = Store.open(out, "r+")
-    store.write_analysis(
-        STATS, "split", compute_block_stats(store, holdout=HOLDOUT).to_dataset()
-    )
+    store.write_analysis(STATS, "split", compute_block_stats(store, holdout=HOLDOUT).to_dataset())
     return out
 
 

@@ -18,7 +18,7 @@ import dask
 import numpy as np
 import torch
 
-from rba_store.dask_compute import compute, tree_reduce
+from rba_store.dask_compute import compute_with, dask_client, shared_constant, tree_reduce
 from rba_store.errors import UsageError
 from rba_store.solve._backend import get_xp
 from rba_store.solve.heldout import HoldoutSums
@@ -126,13 +126,13 @@ def folded_equations(
     points, plan = _points_and_plan(spans)
     task = dask.delayed(on_shard, pure=False)  # the runners hold a model: not hashed
     settings = (plan, points, options.backend, options.gemm_dtype)
-    parts = [
-        task(_accumulate, store, points, start, stop, local, cls_only, runners, *settings)
-        for local, start, stop in shard_ranges(store.layout, rows)
-    ]
-    merged = compute(
-        tree_reduce(parts, _merge), options.scheduler, options.scheduler_file, len(parts)
-    )
+    with dask_client(options.scheduler, options.scheduler_file) as client:
+        shared = shared_constant(client, runners)  # the model's blocks: once in the graph
+        parts = [
+            task(_accumulate, store, points, start, stop, local, cls_only, shared, *settings)
+            for local, start, stop in shard_ranges(store.layout, rows)
+        ]
+        merged = compute_with(client, tree_reduce(parts, _merge), len(parts))
     return {s: ne.to_numpy() for s, ne in merged.items()}
 
 
@@ -169,9 +169,11 @@ def folded_holdout_sums(
     """Held-out error of folded maps (X = m_a, Y = h_b - r_a) on the samples ``indices``."""
     points, _ = _points_and_plan([(a, b) for a, b, *_ in maps])
     task = dask.delayed(on_shard, pure=False)
-    parts = [
-        task(_holdout, store, points, start, stop, local, cls_only, runners, maps, points)
-        for local, start, stop in shard_ranges(store.layout, indices)
-    ]
-    merged = tree_reduce(parts, _merge_holdout)
-    return compute(merged, options.scheduler, options.scheduler_file, len(parts))
+    with dask_client(options.scheduler, options.scheduler_file) as client:
+        shared_runners, shared_maps = (shared_constant(client, x) for x in (runners, maps))
+        settings = (cls_only, shared_runners, shared_maps, points)
+        parts = [
+            task(_holdout, store, points, start, stop, local, *settings)
+            for local, start, stop in shard_ranges(store.layout, indices)
+        ]
+        return compute_with(client, tree_reduce(parts, _merge_holdout), len(parts))
