@@ -55,10 +55,34 @@ def measure(work: Path) -> dict[str, Any]:
         "rank_by_accuracy": SelectOptions(rank_by="accuracy", name="by-accuracy"),
         "identity": SelectOptions(maps="identity", name="identity"),
         "refit": SelectOptions(refit=True, name="refit"),
+        "fold": SelectOptions(fold=True, name="fold"),
     }.items():
         selection = select_spans(store, options)
         runs[key] = (selection, evaluate_path(store, selection))
-    return {"store": store, "sweep": sweep, "runs": runs, "readings": measure_readings(store)}
+    return {
+        "store": store,
+        "sweep": sweep,
+        "runs": runs,
+        "folded": measure_folded(store, runs["fold"][0]),
+        "readings": measure_readings(store),
+    }
+
+
+def measure_folded(store: Any, selection: Any) -> dict[str, Any]:
+    """At the spans ``select --fold`` removes: the inserted maps (fitted on h_a), the folded
+    maps (into block a's MLP) and the identity, on the test split (issue 20)."""
+    from rba_store.approx.evaluate import Variant, evaluate_variants, identity_variant
+    from rba_store.approx.rebuild import held_out_source
+    from rba_store.approx.select import original_maps
+
+    spans = sorted(m.span for m in selection.maps)
+    variants = [
+        Variant("inserted", list(original_maps(store, spans).values())),
+        Variant("folded", list(selection.maps)),
+        identity_variant(spans),
+    ]
+    test = held_out_source(store.description["data"], "test")
+    return evaluate_variants(store, variants, source=test)
 
 
 def measure_readings(store: Any) -> dict[str, Any]:
@@ -130,13 +154,14 @@ def render(figures: dict[str, Any]) -> str:
         ("rank_by_accuracy", "`--rank-by accuracy`"),
         ("identity", "`--maps identity`"),
         ("refit", "`--refit`"),
+        ("fold", "`--fold` (maps folded into the weights)"),
     ):
         run, report = figures["runs"][key]
         k = run.steps[-1].blocks_removed if run.steps else 0
         last = _rows(report)[f"selected -{k}"] if k else _rows(report)["original"]
         spans = ", ".join(f"{a}:{b}" for a, b in sorted(m.span for m in run.maps)) or "-"
         lines.append(f"| {label} | {spans} | {k} | {_pct(last['accuracy'])} |")
-    lines += ["", *_summary(figures, sweep), *_readings(figures), "", END]
+    lines += ["", *_summary(figures, sweep), *_folded(figures), *_readings(figures), "", END]
     return "\n".join(lines)
 
 
@@ -172,6 +197,48 @@ def _summary(figures: dict[str, Any], sweep: dict[str, dict[str, Any]]) -> list[
         "looking at the test split.",
     ]
     return text
+
+
+def _folded(figures: dict[str, Any]) -> list[str]:
+    """Inserted, folded and identity at the spans ``select --fold`` removes."""
+    rows = _rows(figures["folded"])
+    original = _rows(figures["sweep"])["original"]
+    folded = rows["folded"]
+    spans = ", ".join(f"{a}:{b}" for a, b in folded["spans"])
+    lines = [
+        "",
+        f"**Folded maps** (issue 20) at the spans `select --fold` removes ({spans}), test split: "
+        "the inserted map (`apply`, a D x D module per span), the folded map (`apply --fold`: "
+        "T multiplied into block a's `mlp.fc2`, a `VisionTransformer` with fewer blocks) and "
+        "the identity (blocks dropped):",
+        "",
+        "| variant | test accuracy | agreement with the original | parameters | MFLOPs |",
+        "|---|---|---|---|---|",
+        f"| original | {_pct(original['accuracy'])} | 100.00 % | {original['params']:,} | "
+        f"{original['flops'] / 1e6:.2f} |",
+    ]
+    for name in ("inserted", "folded", next(n for n in rows if n.startswith("identity"))):
+        v = rows[name]
+        lines.append(
+            f"| {name} | {_pct(v['accuracy'])} | {_pct(v['agreement'])} | {v['params']:,} | "
+            f"{v['flops'] / 1e6:.2f} |"
+        )
+    ident = rows[next(n for n in rows if n.startswith("identity"))]
+    gap = folded["accuracy"] - rows["inserted"]["accuracy"]
+    verdict = (
+        "both maps score the same here"
+        if gap == 0
+        else (f"the {'folded' if gap > 0 else 'inserted'} map scores higher here")
+    )
+    lines += [
+        "",
+        f"In words: folded, the model keeps {_pct(folded['accuracy'])} "
+        f"({100 * (folded['accuracy'] - rows['inserted']['accuracy']):+.2f} points against the "
+        f"inserted maps, {100 * (folded['accuracy'] - ident['accuracy']):+.2f} against dropping "
+        f"the blocks) with exactly the identity's {folded['params']:,} parameters; "
+        f"{verdict}.",
+    ]
+    return lines
 
 
 def _readings(figures: dict[str, Any]) -> list[str]:
