@@ -62,7 +62,7 @@ class ExtractOptions:
     worker_index: int = 0
     seq_len: int | None = None  # language models: tokens per window (default: min(256, context))
     checkpoint_every: float = 60.0  # with stats: seconds between saves of this worker's partials
-    mlp_outputs: bool = False  # also store m1 .. mL, each block's MLP output (folded fits)
+    mlp_outputs: bool = False  # also capture m1 .. mL, each block's MLP output (folded fits)
 
 
 @dataclass
@@ -146,12 +146,6 @@ def _check_options(options: ExtractOptions) -> None:
         )
     if not options.store_activations and not options.stats:
         raise UsageError("--no-activations keeps only the statistics: add --stats")
-    if options.mlp_outputs and not options.store_activations:
-        raise UsageError(
-            "--mlp-outputs stores the MLP outputs beside the activations, and the statistics "
-            "of extract --stats do not cover them: drop --no-activations (then run "
-            "'rba-store stats', whose moments cover them)"
-        )
     if options.stats_holdout is not None and not options.stats:
         raise UsageError("--holdout splits the statistics computed during the pass: add --stats")
     if options.batch_size < 1:

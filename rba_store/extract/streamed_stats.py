@@ -30,10 +30,10 @@ from rba_store.extract.worker_partials import (
     save_partial,
 )
 from rba_store.stats import default_name, memory
-from rba_store.stats.moments import BlockPartials, split_chunk_partials
+from rba_store.stats.moments import BlockPartials, fold_pairs, split_chunk_partials
 from rba_store.stats.reduce import stats_attrs
 from rba_store.stats.result import BlockStats
-from rba_store.store import STATS, SampleSelection, Store, StoreLayout, h_name
+from rba_store.store import STATS, SampleSelection, Store, StoreLayout
 from rba_store.store.layout import decode_values
 from rba_store.store.selection import split_holdout
 
@@ -61,9 +61,11 @@ def streamed_cost(layout: StoreLayout, holdout: bool = False) -> tuple[int | Non
     t = layout.points[0].n_tokens
 
     def cost(band: int | None) -> memory.StatsMemory:
+        mlp = len(fold_pairs(len(widths), band)) if layout.mlp_points else 0
         return memory.stats_memory(
-            widths, t, layout.shard_samples, itemsize, band, holdout=holdout, workers=1
-        )
+            widths, t, layout.shard_samples, itemsize, band, holdout=holdout, workers=1,
+            mlp_pairs=mlp,
+        )  # fmt: skip
 
     band = None if cost(None).partial <= memory.FULL_AUTO_LIMIT else DEFAULT_MAX_SPAN
     if band is not None and band >= len(widths) - 1:
@@ -84,6 +86,7 @@ class StreamedStats:
     ) -> None:
         self.layout = store.layout
         self.n_points = len(self.layout.points)
+        self.n_arrays = len(self.layout.all_points)  # with the MLP outputs m1..mL, if stored
         self.holdout, self.holdout_seed = holdout, holdout_seed
         self.held = split_holdout(np.arange(self.layout.n_samples), holdout, holdout_seed)[1]
         self.band = streamed_band(self.layout, len(self.held) > 0)
@@ -111,9 +114,8 @@ class StreamedStats:
             return
         dtype = self.layout.dtype
         self._folding = True  # a Ctrl-C now must not save half-added partials
-        self._add(
-            shard_idx, [decode_values(buffer[h_name(k)], dtype) for k in range(self.n_points)]
-        )
+        names = [self.layout.array_name(k) for k in range(self.n_arrays)]
+        self._add(shard_idx, [decode_values(buffer[name], dtype) for name in names])
         self._folding = False
         if time.monotonic() - self.saved_at >= self.checkpoint_every:
             self.save()
@@ -121,7 +123,8 @@ class StreamedStats:
     def _add(self, shard_idx: int, points: list[np.ndarray]) -> None:
         start, stop = self.layout.shard_rows(shard_idx)
         held = np.isin(np.arange(start, stop), self.held)
-        partial = split_chunk_partials(points, held, band=self.band)
+        h, mlp = points[: self.n_points], points[self.n_points :]
+        partial = split_chunk_partials(h, held, band=self.band, mlp=mlp)
         if self.partials is None:
             self.partials = partial
         else:
@@ -142,7 +145,7 @@ class StreamedStats:
             return None  # another worker has not saved them yet: it merges when it finishes
         for shard in missing:  # written by a run without --stats: read back from the store
             start, stop = layout.shard_rows(shard)
-            self._add(shard, store.read_points(list(range(self.n_points)), start, stop))
+            self._add(shard, store.read_points(list(range(self.n_arrays)), start, stop))
         assert self.partials is not None
         tokens = store.description["tokens"]
         selection = SampleSelection()

@@ -51,6 +51,8 @@ def _moments_arrays(prefix: str, m: PairMoments) -> dict[str, np.ndarray]:
 
 
 def _moments_of(arrays: dict[str, np.ndarray], prefix: str) -> PairMoments:
+    if f"{prefix}_n" not in arrays:  # saved before MLP outputs were covered
+        return PairMoments.empty()
     pairs = tuple((int(a), int(b)) for a, b in arrays[f"{prefix}_pairs"])
     return PairMoments(
         int(arrays[f"{prefix}_n"]),
@@ -67,6 +69,8 @@ def save_partial(path: Path, partials: BlockPartials, shards: set[int]) -> None:
     arrays = {name: getattr(partials, name) for name in _SUMS}
     arrays |= _moments_arrays("moments", partials.moments)
     arrays |= _moments_arrays("heldout", partials.heldout)
+    arrays |= _moments_arrays("mlp", partials.mlp)
+    arrays |= _moments_arrays("mlp_heldout", partials.mlp_heldout)
     arrays |= {
         "n_samples": np.asarray(partials.n_samples),
         "n_rows": np.asarray(partials.n_rows),
@@ -95,6 +99,8 @@ def load_partial(path: Path) -> tuple[BlockPartials, set[int]] | None:
         *(arrays[name] for name in _SUMS),
         _moments_of(arrays, "moments"),
         _moments_of(arrays, "heldout"),
+        _moments_of(arrays, "mlp"),
+        _moments_of(arrays, "mlp_heldout"),
     )
     return partials, {int(s) for s in arrays["shards"]}
 
