@@ -167,34 +167,14 @@ class BlockStats:
             coords={"block": blocks, "point": points, "point_b": points},
             attrs=self.attrs | {"n_samples": self.n_samples, "n_rows": self.n_rows},
         )
-        for prefix, moments in zip(MOMENT_SETS, (self.moments, self.heldout), strict=True):
-            if moments is None:
-                continue
-            ds[f"{prefix}_mean"] = ("feature", moments.mean)
-            ds[f"{prefix}_blocks"] = (("pair", "channel", "channel_b"), moments.blocks)
-            # One Zarr chunk per block: a fit reads the blocks of its spans only.
-            ds[f"{prefix}_blocks"].encoding["chunks"] = (1, *moments.blocks.shape[1:])
-            ds.attrs[f"{prefix}_count"] = int(moments.n)
+        sets = (self.moments, self.heldout)
+        ds = _with_moments(ds, MOMENT_SETS, sets, "feature", "pair")
         if self.moments is not None:
-            pairs = np.array(self.moments.pairs, dtype=np.int64).reshape(-1, 2)
-            ds = ds.assign_coords(pair_a=("pair", pairs[:, 0]), pair_b=("pair", pairs[:, 1]))
             ds["feature_point"] = ("feature", np.repeat(points, self.widths))
             ds.attrs["moment_widths"] = [int(w) for w in self.widths]
-        mlp_sets = (self.mlp, self.mlp_heldout)
-        for prefix, moments in zip(MLP_SETS, mlp_sets, strict=True):
-            if moments is None:
-                continue
-            ds[f"{prefix}_mean"] = ("mlp_feature", moments.mean)
-            ds[f"{prefix}_blocks"] = (("mlp_pair", "channel", "channel_b"), moments.blocks)
-            ds[f"{prefix}_blocks"].encoding["chunks"] = (1, *moments.blocks.shape[1:])
-            ds.attrs[f"{prefix}_count"] = int(moments.n)
-        known = next((m for m in mlp_sets if m is not None), None)
-        if known is not None:
-            pairs = np.array(known.pairs, dtype=np.int64).reshape(-1, 2)
-            ds = ds.assign_coords(
-                mlp_pair_a=("mlp_pair", pairs[:, 0]), mlp_pair_b=("mlp_pair", pairs[:, 1])
-            )
-            ds.attrs["mlp_widths"] = [int(w) for w in known.widths]
+        ds = _with_moments(ds, MLP_SETS, (self.mlp, self.mlp_heldout), "mlp_feature", "mlp_pair")
+        if self.mlp is not None or self.mlp_heldout is not None:
+            ds.attrs["mlp_widths"] = [int(w) for w in (self.mlp or self.mlp_heldout).widths]
         return ds
 
     @classmethod
@@ -252,6 +232,32 @@ class BlockStats:
             blocks = "block " + str(b) if b - a == 1 else f"blocks {a + 1}-{b}"
             lines.append(f"{rank:>3}. span {a}:{b}  ({blocks})  score {cand['score']:.4f}")
         return "\n".join(lines)
+
+
+def _with_moments(
+    ds: xr.Dataset,
+    prefixes: tuple[str, str],
+    sets: tuple[PairMoments | None, PairMoments | None],
+    feature_dim: str,
+    pair_dim: str,
+) -> xr.Dataset:
+    """``ds`` with two sets of joint moments (rows to fit, held-out rows) of the same pairs:
+    ``<prefix>_mean``, ``<prefix>_blocks`` (one Zarr chunk per block: a fit reads the blocks of
+    its spans only), ``<prefix>_count`` and the pairs' coordinates ``<pair_dim>_a/_b``."""
+    for prefix, moments in zip(prefixes, sets, strict=True):
+        if moments is None:
+            continue
+        ds[f"{prefix}_mean"] = (feature_dim, moments.mean)
+        ds[f"{prefix}_blocks"] = ((pair_dim, "channel", "channel_b"), moments.blocks)
+        ds[f"{prefix}_blocks"].encoding["chunks"] = (1, *moments.blocks.shape[1:])
+        ds.attrs[f"{prefix}_count"] = int(moments.n)
+    known = next((m for m in sets if m is not None), None)
+    if known is None:
+        return ds
+    pairs = np.array(known.pairs, dtype=np.int64).reshape(-1, 2)
+    return ds.assign_coords(
+        {f"{pair_dim}_a": (pair_dim, pairs[:, 0]), f"{pair_dim}_b": (pair_dim, pairs[:, 1])}
+    )
 
 
 def merged_hsic(fit: PairMoments, held: PairMoments) -> np.ndarray:
