@@ -7,7 +7,9 @@ solver) fitted on the stored ``features`` of the fit split and applied to every 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,20 @@ from rba_store.approx.language_eval import (
 from rba_store.approx.network import SplitNetwork
 from rba_store.approx.rebuild import rebuild_model, test_source
 from rba_store.approx.surgery import (
+    TIME_BUDGET_S,
     LinearReplacement,
     SpanMap,
+    Throughput,
+    WorkProgress,
+    WorkTracker,
+    block_cost,
     count_flops,
     count_parameters,
-    images_per_second,
+    expected_timing_seconds,
+    measure_throughput,
     replace_spans,
+    timing_batch,
+    timing_note,
 )
 from rba_store.errors import UsageError
 from rba_store.extract.data import DataSource, make_preprocess
@@ -149,12 +159,18 @@ def evaluate_variants(
     classifier: str = "auto",
     device: str = "cpu",
     limit: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: WorkProgress | None = None,
+    time_budget: float = TIME_BUDGET_S,
 ) -> dict[str, Any]:
     """Accuracy, agreement with the original, parameters, FLOPs and images/s of each variant
-    on the first ``limit`` (default: all) images of the test split."""
+    on the first ``limit`` (default: all) images of the test split.
+
+    images/s is timed after the evaluation, within ``time_budget`` seconds per variant
+    (:func:`rba_store.approx.surgery.measure_throughput`; 0: not timed, None in the report).
+    ``progress`` receives the cost-weighted :class:`rba_store.approx.surgery.Work` done."""
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} is invalid; pass a positive number")
+    check_time_budget(time_budget)
     store = Store.coerce(store)
     description = store.description
     if is_language_store(description):  # perplexity and next-token figures on text windows
@@ -168,6 +184,7 @@ def evaluate_variants(
             device=device,
             limit=limit,
             progress=progress,
+            time_budget=time_budget,
         )
     chosen = choose_classifier(store, classifier)
     _check_device(device)
@@ -184,25 +201,28 @@ def evaluate_variants(
     models = [("original", loaded.module, [])] + [
         (v.name, build_variant(loaded.module, v.maps, replace_spans), v.spans) for v in variants
     ]
+    passes = EvaluationPasses(models, len(source), batch_size, time_budget, progress)
+    passes.tracker.report(f"{len(models)} models on {len(source)} images")  # the rate's start
     predictions: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in models}
     first_batch = None
-    n_batches = -(-len(source) // batch_size)
-    total, done = len(models) * (n_batches + 1), 0  # every batch of every model, then timings
     for start in range(0, len(source), batch_size):
         x = source.load(start, min(start + batch_size, len(source)), preprocess).to(device)
         first_batch = x if first_batch is None else first_batch
         for name, model, _ in models:
-            predictions[name].append(chosen.predict(model, x))
-            done += 1
-            if progress is not None:
-                progress(done, total)
+            with passes.timed(name, len(x)):
+                predictions[name].append(chosen.predict(model, x))
+    assert first_batch is not None
     labels = source.labels
     original = np.concatenate(predictions["original"])
     input_size = tuple(first_batch.shape[1:])
+    timing_x = first_batch[: passes.timing_batch()]
     results = []
     for name, model, spans in models:
         predicted = np.concatenate(predictions[name])
         known = labels >= 0
+        flops = count_flops(model, input_size)
+        throughput = measure_throughput(model, timing_x, time_budget)
+        passes.timed_model(name, throughput)
         results.append(
             {
                 "name": name,
@@ -212,20 +232,96 @@ def evaluate_variants(
                 if known.any()
                 else None,
                 "params": count_parameters(model),
-                "flops": count_flops(model, input_size),
-                "images_per_s": images_per_second(model, first_batch),
+                "flops": flops,
+                "images_per_s": throughput.images_per_s,
                 "agreement": float((predicted == original).mean()),
             }
         )
-        done += 1
-        if progress is not None:
-            progress(done, total)
     return {
         "classifier": chosen.describe(),
         "test_samples": len(source),
         "device": device,
+        "timing": passes.timing(len(timing_x), timing_note(time_budget, len(timing_x))),
         "variants": results,
     }
+
+
+def check_time_budget(time_budget: float) -> None:
+    if not time_budget >= 0:
+        raise UsageError(
+            f"--time-budget {time_budget} is invalid; pass seconds of timing per variant "
+            "(0: no timing)"
+        )
+
+
+class EvaluationPasses:
+    """Cost-weighted progress of an evaluation: every model on every batch (units: blocks run
+    on one input), then each model's FLOP count (one input) and timing (a fixed budget)."""
+
+    def __init__(
+        self,
+        models: list[tuple[str, nn.Module, Any]],
+        n_inputs: int,
+        batch_size: int,
+        time_budget: float,
+        progress: WorkProgress | None,
+    ) -> None:
+        self.costs = {name: block_cost(model) for name, model, _ in models}
+        self.n_inputs, self.budget = n_inputs, time_budget
+        self.n_batches = -(-n_inputs // batch_size)
+        self.seconds: dict[str, float] = dict.fromkeys(self.costs, 0.0)
+        self.inputs: dict[str, int] = dict.fromkeys(self.costs, 0)
+        self.batches: dict[str, int] = dict.fromkeys(self.costs, 0)
+        self.untimed = list(self.costs)
+        self.timing_s = 0.0
+        self.tracker = WorkTracker(progress, sum(self.costs.values()) * (n_inputs + 1))
+        self.tracker.seconds_left = time_budget * len(self.costs)
+
+    @contextlib.contextmanager
+    def timed(self, name: str, n: int) -> Iterator[None]:
+        """One model on one batch of ``n`` inputs."""
+        start = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - start
+        self.inputs[name] += n
+        self.batches[name] += 1
+        self._expect_timing()
+        names = list(self.costs)
+        what = f"model {names.index(name) + 1}/{len(names)}"
+        if self.n_batches > 1:
+            what += f", batch {self.batches[name]}/{self.n_batches}"
+        self.tracker.report(what, cost=self.costs[name] * n)
+
+    def seconds_per_input(self, name: str) -> float | None:
+        return self.seconds[name] / self.inputs[name] if self.inputs[name] else None
+
+    def timing_batch(self) -> int:
+        """One batch size for every model, sized from the original (the slowest)."""
+        per_input = self.seconds_per_input("original")
+        return timing_batch(self.budget, per_input or 1.0, self.n_inputs)
+
+    def _expect_timing(self) -> None:
+        batch = self.timing_batch()
+        self.tracker.seconds_left = sum(
+            expected_timing_seconds(self.budget, batch, self.seconds_per_input(n))
+            for n in self.untimed
+        )
+
+    def timing(self, batch: int, how: str) -> dict[str, Any]:
+        """How the throughput was timed, and the seconds it took (all variants)."""
+        return {"how": how, "budget_s": self.budget, "batch": batch, "seconds": self.timing_s}
+
+    def timed_model(self, name: str, throughput: Throughput) -> None:
+        """A model's FLOPs counted and its throughput measured."""
+        self.timing_s += throughput.seconds
+        self.untimed.remove(name)
+        self._expect_timing()
+        done = len(self.costs) - len(self.untimed)
+        self.tracker.report(
+            f"timing model {done}/{len(self.costs)}",
+            cost=self.costs[name],
+            seconds=throughput.seconds,
+        )
 
 
 def _check_device(device: str) -> None:
@@ -254,6 +350,13 @@ def format_report(report: dict[str, Any]) -> str:
         acc = "-" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}%"
         lines.append(
             f"{v['name']:<22} {spans:<22} {v['blocks']:>6} {acc:>9} {100 * v['agreement']:>6.1f}% "
-            f"{v['params']:>10,} {v['flops'] / 1e6:>9.2f} {v['images_per_s']:>9,.0f}"
+            f"{v['params']:>10,} {v['flops'] / 1e6:>9.2f} {format_rate(v['images_per_s']):>9}"
         )
+    if report.get("timing"):
+        lines.append(f"img/s: {report['timing']['how']}")
     return "\n".join(lines)
+
+
+def format_rate(rate: float | None) -> str:
+    """A throughput for a table: ``-`` when not timed."""
+    return "-" if rate is None else f"{rate:,.0f}" if rate >= 10 else f"{rate:.3g}"

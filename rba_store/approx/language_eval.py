@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from rba_store.approx.decoder import replace_decoder_spans
-from rba_store.approx.surgery import count_flops, count_parameters, images_per_second
+from rba_store.approx.surgery import (
+    TIME_BUDGET_S,
+    WorkProgress,
+    count_flops,
+    count_parameters,
+    measure_throughput,
+    timing_note,
+)
 from rba_store.errors import ModelError, NotFoundError, UsageError
 from rba_store.extract.language_model import FAMILY_LANGUAGE, build_language_model
 from rba_store.extract.models import LoadedModel
@@ -118,9 +125,13 @@ def evaluate_language_variants(
     source: TextSource | None = None,
     device: str = "cpu",
     limit: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: WorkProgress | None = None,
+    time_budget: float = TIME_BUDGET_S,
 ) -> dict[str, Any]:
-    """The language counterpart of :func:`rba_store.approx.evaluate.evaluate_variants`."""
+    """The language counterpart of :func:`rba_store.approx.evaluate.evaluate_variants`
+    (tokens/s timed within ``time_budget`` seconds per variant)."""
+    from rba_store.approx.evaluate import EvaluationPasses
+
     description = store.description
     loaded = rebuild_language_model(description["model"], checkpoint)
     loaded.module.to(device)
@@ -134,24 +145,26 @@ def evaluate_language_variants(
         for v in variants
     ]
     scores = {name: NextTokenScores() for name, _, _ in models}
-    n_batches = -(-len(source) // batch_size)
-    total, done = len(models) * (n_batches + 1), 0
+    passes = EvaluationPasses(models, len(source), batch_size, time_budget, progress)
+    passes.tracker.report(f"{len(models)} models on {len(source)} windows")  # the rate's start
     first = None
     for start in range(0, len(source), batch_size):
         x = source.load(start, min(start + batch_size, len(source)), None).to(device)
         first = x if first is None else first
         for name, model, _ in models:
-            with torch.inference_mode():
+            with passes.timed(name, len(x)), torch.inference_mode():
                 scores[name].add(model(input_ids=x, use_cache=False).logits, x)
-            done += 1
-            if progress is not None:
-                progress(done, total)
     assert first is not None
     original = scores["original"].predicted()
     seq_len = first.shape[1]
+    timing_x = first[: passes.timing_batch()]
     results = []
     for name, model, spans in models:
         score = scores[name]
+        flops = count_flops(model, example=first[:1]) / seq_len
+        throughput = measure_throughput(_Logits(model), timing_x, time_budget)
+        passes.timed_model(name, throughput)
+        windows_per_s = throughput.images_per_s
         results.append(
             {
                 "name": name,
@@ -161,19 +174,17 @@ def evaluate_language_variants(
                 "accuracy": score.accuracy,
                 "agreement": float((score.predicted() == original).mean()),
                 "params": count_parameters(model),
-                "flops": count_flops(model, example=first[:1]) / seq_len,
-                "tokens_per_s": images_per_second(_Logits(model), first) * seq_len,
+                "flops": flops,
+                "tokens_per_s": None if windows_per_s is None else windows_per_s * seq_len,
             }
         )
-        done += 1
-        if progress is not None:
-            progress(done, total)
     return {
         "task": "language",
         "test_windows": len(source),
         "seq_len": seq_len,
         "test_tokens": scores["original"].count,
         "device": device,
+        "timing": passes.timing(len(timing_x), timing_note(time_budget, len(timing_x), "windows")),
         "variants": results,
     }
 
@@ -201,6 +212,12 @@ def format_language_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{v['name']:<22} {spans:<16} {v['blocks']:>6} {v['perplexity']:>9.3f} "
             f"{100 * v['accuracy']:>8.2f}% {100 * v['agreement']:>6.1f}% {v['params']:>11,} "
-            f"{v['flops'] / 1e6:>9.3f} {v['tokens_per_s']:>9,.0f}"
+            f"{v['flops'] / 1e6:>9.3f} {_rate(v['tokens_per_s']):>9}"
         )
+    if report.get("timing"):
+        lines.append(f"tok/s: {report['timing']['how']}")
     return "\n".join(lines)
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:,.0f}" if rate >= 10 else f"{rate:.3g}"

@@ -12,7 +12,7 @@ is measured at the end, for every step of the path.
 
 from __future__ import annotations
 
-import functools
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rba_store.approx.evaluate import Variant, evaluate_variants
+from rba_store.approx.evaluate import Variant, check_time_budget, evaluate_variants
 from rba_store.approx.rebuild import held_out_source, rebuild_model
 from rba_store.approx.refit import changed_sources, refit_maps
-from rba_store.approx.surgery import SpanMap
+from rba_store.approx.surgery import TIME_BUDGET_S, SpanMap, WorkProgress, WorkTracker
 from rba_store.approx.validation import Score, validation_for
 from rba_store.errors import UsageError
 from rba_store.solve import Solution
@@ -51,6 +51,7 @@ class SelectOptions:
     batch_size: int = 256
     name: str = "select"
     fold: bool = False  # candidates' maps folded into block a's MLP output (fit --fold)
+    time_budget: float = TIME_BUDGET_S  # seconds of timing per variant of the test table
 
     def check(self, n_blocks: int) -> None:
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
@@ -84,6 +85,7 @@ class SelectOptions:
             raise UsageError("--fold scores folded linear maps: drop --refit and --maps identity")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} is invalid; pass a positive number")
+        check_time_budget(self.time_budget)
 
 
 @dataclass
@@ -153,31 +155,87 @@ def original_maps(store: Store, spans: list[Span], fold: bool = False) -> dict[S
     return maps
 
 
-# progress(step, candidate, candidates, batch, batches): after each candidate on each batch
-SelectProgress = Callable[[int, int, int, int, int], None]
-
-
 def _try_candidates(
     net: Any,
     val: Any,
     trials: list[SpanMap],
-    progress: Callable[[int, int, int, int], None] | None = None,
+    tracker: WorkTracker | None = None,
+    step: int = 1,
+    leading: Callable[[Span], None] | None = None,
+    rank_by: str = "agreement",
 ) -> list[Score]:
     """Validation accuracy and agreement of the network with each trial map added.
 
-    ``progress(candidate, candidates, batch, batches)`` is called after each candidate on each
-    batch (1-based)."""
+    ``tracker`` is told after each candidate on each batch, with its cost (blocks run);
+    ``leading(span)`` whenever another candidate leads the step (on the last batch)."""
     entries = [net.entry(m) for m in trials]  # where each map starts, and what it runs
+    costs = [_blocks_after(net, m.span[1]) for m in trials]
     outputs: list[list[Any]] = [[] for _ in trials]
+    scores: list[Score] = []
+    n_batches = len(val.batches)
     for j, x in enumerate(val.batches, start=1):
         points = net.all_points(net.stem(x))
-        for i, (trial, (start, (_, step))) in enumerate(zip(trials, entries, strict=True)):
+        n = len(x)
+        for i, (trial, (start, (_, module))) in enumerate(zip(trials, entries, strict=True)):
             with torch.inference_mode():
-                h = net.run(net.step_function(step)(points[start]), trial.span[1])
+                h = net.run(net.step_function(module)(points[start]), trial.span[1])
             outputs[i].append(val.predict(net, h, j - 1))
-            if progress is not None:
-                progress(i + 1, len(trials), j, len(val.batches))
-    return [val.score(o) for o in outputs]
+            if j == n_batches:
+                scores.append(val.score(outputs[i]))
+                best = _best(trials[: i + 1], scores, rank_by)
+                if leading is not None and (i == 0 or best == i):
+                    leading(trials[best].span)
+            if tracker is not None:
+                where = f"step {step}: candidate {i + 1}/{len(trials)}"
+                where += f", batch {j}/{n_batches}" if n_batches > 1 else ""
+                first = _blocks_after(net, 0) * n if i == 0 else 0  # the pass to every point
+                tracker.report(where, cost=costs[i] * n + first)
+    return scores
+
+
+def _blocks_after(net: Any, point: int) -> int:
+    """Cost units per input of running ``net`` from ``point`` on (blocks, plus the head)."""
+    return sum(1 for _ in net.steps(point)) + 1
+
+
+class _Outlook:
+    """The most work the selection can still take (``tracker``'s total): this step's trials,
+    then as many steps as blocks may still go, each removing one block and trying the spans of
+    this step that still fit, then the test table of every step, whose model takes ``setup_s``
+    to rebuild. Once a candidate leads the step, the outlook assumes it is kept."""
+
+    def __init__(
+        self, tracker: WorkTracker, n_val: int, options: SelectOptions, limit: int, setup_s: float
+    ) -> None:
+        self.tracker, self.n_val, self.options = tracker, n_val, options
+        self.limit, self.setup_s = limit, setup_s
+
+    def step(self, net: Any, trial_spans: list[Span], before: float = 0.0) -> None:
+        """A step starts (after ``before`` cost units still to run first)."""
+        self.net, self.spans = net, trial_spans
+        self.removed = sum(m.span[1] - m.span[0] for m in net.maps)
+        room = self.limit - self.removed
+        self.tracker.stage_end = self.tracker.cost_done + before + self._step_cost(room)
+        self.leading(None)
+
+    def _step_cost(self, room: int) -> float:
+        trials = sum(_blocks_after(self.net, b) for a, b in self.spans if b - a <= room)
+        return (_blocks_after(self.net, 0) + trials) * self.n_val
+
+    def leading(self, span: Span | None) -> None:
+        """``span`` leads the step (None: not known yet, i.e. one block)."""
+        taken = 1 if span is None else span[1] - span[0]
+        left = self.limit - self.removed - taken  # blocks later steps may still remove
+        future = sum(self._step_cost(left - j) for j in range(left))
+        steps = len(self.net.maps) + 1 + left
+        variants = 1 + steps * (1 if self.options.maps == "identity" else 2)
+        full = _blocks_after(self.net, 0) + self.removed  # a map counted as a block
+        assert self.tracker.stage_end is not None
+        tracker = self.tracker
+        tracker.cost_total = tracker.stage_end + future + variants * full * (self.n_val + 1)
+        tracker.seconds_left = variants * self.options.time_budget + self.setup_s
+        lead = "" if span is None else f" if {span[0]}:{span[1]} stays the best"
+        tracker.bound = f"up to {steps} steps{lead}, and their test table"
 
 
 def _original_score(net: Any, val: Any) -> Score:
@@ -208,24 +266,25 @@ def select_spans(
     store: Store | str | Path,
     options: SelectOptions,
     checkpoint: str | Path | None = None,
-    progress: SelectProgress | None = None,
+    progress: WorkProgress | None = None,
 ) -> Selection:
     """Greedy selection on the validation split (see the module's docstring).
 
-    ``progress(step, candidate, candidates, batch, batches)``: called as each step tries its
-    candidates (the number of steps is not known in advance)."""
+    ``progress`` receives the :class:`rba_store.approx.surgery.Work` done after each candidate
+    on each batch; its total is the most the selection can take (as many steps as blocks may
+    go, then the test table), since the number of steps is not known in advance."""
     store = Store.coerce(store)
     description = store.description
     options.check(store.layout.n_blocks)
+    start = time.perf_counter()
     loaded = rebuild_model(description["model"], checkpoint, store)
+    setup_s = time.perf_counter() - start  # evaluate_path rebuilds it
     language = loaded.family == "language"
     if language and options.refit:
         raise UsageError("--refit is not available for language models yet; drop it")
     if not language and options.max_ppl_increase is not None:
         raise UsageError("--max-ppl-increase is for language models; use --max-drop")
     val, net = validation_for(store, loaded, options.classifier, options.batch_size)
-    original = _original_score(net, val)
-    base = original.accuracy
     spans = candidate_spans(store, options)
     if options.fold:  # spans whose map cannot fold (e.g. h0 behind a non-linear pre-norm) go
         from rba_store.approx.fold import fold_refusal_for
@@ -233,8 +292,16 @@ def select_spans(
         spans = [s for s in spans if fold_refusal_for(loaded.module, s) is None]
     fitted = original_maps(store, spans, options.fold) if options.maps != "identity" else {}
     n_val = sum(len(x) for x in val.batches)
-    selection = Selection(options, n_val, base, original_val_perplexity=original.perplexity)
     limit = options.max_blocks or store.layout.n_blocks - 1
+    tracker = WorkTracker(progress)
+    outlook = _Outlook(tracker, n_val, options, limit, setup_s)
+    original_cost = _blocks_after(net, 0) * n_val
+    outlook.step(net, spans * (2 if options.maps == "both" else 1), before=original_cost)
+    tracker.report("the original on the validation split")
+    original = _original_score(net, val)
+    tracker.report("the original on the validation split", cost=original_cost)
+    base = original.accuracy
+    selection = Selection(options, n_val, base, original_val_perplexity=original.perplexity)
     removed = 0
     while True:
         open_spans = [
@@ -253,10 +320,9 @@ def select_spans(
             trials += [linear[s] for s in open_spans]
         if options.maps in ("identity", "both"):
             trials += [SpanMap(s) for s in open_spans]
-        step_progress = (
-            None if progress is None else functools.partial(progress, len(selection.steps) + 1)
-        )
-        scores = _try_candidates(net, val, trials, step_progress)
+        outlook.step(net, [m.span for m in trials])
+        step = len(selection.steps) + 1
+        scores = _try_candidates(net, val, trials, tracker, step, outlook.leading, options.rank_by)
 
         best = _best(trials, scores, options.rank_by)
         score = scores[best]
@@ -334,10 +400,10 @@ def evaluate_path(
     store: Store,
     selection: Selection,
     checkpoint: str | Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: WorkProgress | None = None,
 ) -> dict[str, Any]:
     """Test-split figures of the original and of the network after every step of the path,
-    with the same spans dropped (identity) next to it."""
+    with the same spans dropped (identity) next to it (timed within the options' budget)."""
     variants = []
     for k, step in enumerate(selection.steps, start=1):
         maps = selection.maps[:k]
@@ -355,6 +421,7 @@ def evaluate_path(
         source=test,
         classifier=selection.options.classifier,
         progress=progress,
+        time_budget=selection.options.time_budget,
     )
 
 

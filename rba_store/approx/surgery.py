@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,3 +167,136 @@ def images_per_second(
             sync()
             timings.append((time.perf_counter() - start) / passes)
     return len(x) / float(np.median(timings))
+
+
+TIME_BUDGET_S = 1.0  # default seconds of timing per variant (evaluate, select's test table)
+TIMED_PASSES = 5  # at most this many timed passes (after one warm-up pass), within the budget
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """How fast a model ran: ``images_per_s`` (None when not timed), the median of ``passes``
+    timed passes of ``batch`` inputs after one warm-up pass, in ``seconds`` of wall time."""
+
+    images_per_s: float | None
+    batch: int
+    passes: int
+    seconds: float
+
+
+def timing_note(budget_s: float, batch: int, noun: str = "images") -> str:
+    """How the throughput column of a table was measured (its footer)."""
+    if budget_s <= 0 or batch < 1:
+        return "not timed (--time-budget 0)"
+    return (
+        f"timed after the evaluation, the median of up to {TIMED_PASSES} passes over {batch} of "
+        f"the test {noun} after a warm-up pass, at most {budget_s:g} s per variant "
+        "(--time-budget; 0: no timing)"
+    )
+
+
+def timing_batch(budget_s: float, seconds_per_input: float, n_inputs: int) -> int:
+    """Inputs per timing pass: as many as let a warm-up and ``TIMED_PASSES`` passes fit in the
+    budget (at least 1, at most ``n_inputs``)."""
+    per_pass = budget_s / (TIMED_PASSES + 1)
+    return max(1, min(n_inputs, int(per_pass / max(seconds_per_input, 1e-9))))
+
+
+def measure_throughput(
+    model: nn.Module, x: torch.Tensor, budget_s: float = TIME_BUDGET_S
+) -> Throughput:
+    """Inputs per second of ``model`` on the batch ``x`` within a wall-clock budget
+    (``budget_s <= 0``: not timed): a warm-up pass, then up to ``TIMED_PASSES`` timed passes
+    while the next one fits in the budget (size ``x`` with :func:`timing_batch`). When only one
+    pass fits, that pass is the figure."""
+    if budget_s <= 0:
+        return Throughput(None, 0, 0, 0.0)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        timings = [_timed(model, x, sync)]  # the warm-up pass
+        while len(timings) <= TIMED_PASSES:
+            if time.perf_counter() - begin + float(np.median(timings)) > budget_s:
+                break
+            timings.append(_timed(model, x, sync))
+    timed = timings[1:] or timings
+    seconds = time.perf_counter() - begin
+    return Throughput(len(x) / float(np.median(timed)), len(x), len(timed), seconds)
+
+
+def _timed(model: nn.Module, x: torch.Tensor, sync: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    model(x)
+    sync()
+    return max(time.perf_counter() - start, 1e-9)
+
+
+@dataclass(frozen=True)
+class Work:
+    """Where a long evaluation stands, for progress lines: ``what`` was just done, and the work
+    weighted by its expected cost: ``cost_done`` of ``cost_total`` units (one unit: one block run
+    on one input), plus work of known duration (timing budgets): ``seconds_done`` spent and
+    ``seconds_left`` expected. ``bound``: why ``cost_total`` is an upper bound ("" when not);
+    then ``stage_left``: the cost left in the current stage (select's step), known exactly."""
+
+    what: str
+    cost_done: float
+    cost_total: float
+    seconds_done: float = 0.0
+    seconds_left: float = 0.0
+    bound: str = ""
+    stage_left: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.cost_done / self.cost_total) if self.cost_total > 0 else 1.0
+
+
+WorkProgress = Callable[[Work], None]
+
+
+class WorkTracker:
+    """Counts cost-weighted work and reports it to ``progress`` (when given) as :class:`Work`."""
+
+    def __init__(self, progress: WorkProgress | None, cost_total: float = 0.0) -> None:
+        self.progress = progress
+        self.cost_done, self.cost_total = 0.0, float(cost_total)
+        self.seconds_done = self.seconds_left = 0.0
+        self.bound = ""
+        self.stage_end: float | None = None  # cost_done when the current stage ends
+
+    def report(self, what: str, cost: float = 0.0, seconds: float = 0.0) -> None:
+        """``cost`` units (and ``seconds`` of fixed-duration work) were just done."""
+        self.cost_done += cost
+        self.seconds_done += seconds
+        if self.progress is not None:
+            self.progress(
+                Work(
+                    what,
+                    self.cost_done,
+                    max(self.cost_total, self.cost_done),
+                    self.seconds_done,
+                    self.seconds_left,
+                    self.bound,
+                    None if self.stage_end is None else max(0.0, self.stage_end - self.cost_done),
+                )
+            )
+
+
+def block_cost(model: nn.Module) -> int:
+    """Cost units per input of a forward pass: the blocks it runs, plus one for stem and head."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:  # a decoder: its layers
+        config = getattr(model, "config", None)
+        return int(getattr(config, "num_hidden_layers", 1)) + 1
+    return sum(1 for m in blocks if not isinstance(m, LinearReplacement | nn.Identity)) + 1
+
+
+def expected_timing_seconds(budget_s: float, batch: int, seconds_per_input: float | None) -> float:
+    """What :func:`measure_throughput` is expected to take on ``batch`` inputs: the budget, or
+    less when a warm-up and all timed passes fit in it."""
+    if budget_s <= 0:
+        return 0.0
+    if seconds_per_input is None:
+        return budget_s
+    return min(budget_s, (TIMED_PASSES + 1) * batch * seconds_per_input)

@@ -125,6 +125,14 @@ TokensOpt = Annotated[
 AllowIncompleteOpt = Annotated[
     bool, typer.Option(help="Use the complete shards of an unfinished store.")
 ]
+TimeBudgetOpt = Annotated[
+    float,
+    typer.Option(
+        help="Seconds of img/s timing per variant, after the evaluation: a warm-up and up to 5 "
+        "passes of a small batch (0: no timing).",
+        metavar="SECONDS",
+    ),
+]
 
 
 def _show_version(value: bool) -> None:

@@ -14,10 +14,11 @@ from rba_store.cli.app import (
     ClassifierOpt,
     JsonOpt,
     StoreArg,
+    TimeBudgetOpt,
     app,
     check_folder,
 )
-from rba_store.cli.progress import step_progress
+from rba_store.cli.progress import WorkProgress, dask_progress
 from rba_store.errors import Interrupted, UsageError
 
 
@@ -175,11 +176,13 @@ def evaluate(
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")] = "cpu",
     limit: Annotated[int | None, typer.Option(help="Use the first N test images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Test images per batch.")] = 256,
+    time_budget: TimeBudgetOpt = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Accuracy, parameters, FLOPs and speed of the original and approximated models."""
     from rba_store.approx.evaluate import (
         Variant,
+        check_time_budget,
         evaluate_variants,
         fit_variant,
         format_report,
@@ -190,6 +193,7 @@ def evaluate(
     from rba_store.store import Store
 
     check_folder(plots, "--plots")
+    check_time_budget(time_budget)
     if not auto:
         for flag, value in (
             ("--plots", plots),
@@ -221,18 +225,21 @@ def evaluate(
         )
     try:
         if auto:
-            for _, linear, ident in sweep_variants(opened, max_blocks, stats_name):
-                variants += [linear, ident]
-        report = evaluate_variants(
-            opened,
-            variants,
-            checkpoint=checkpoint,
-            batch_size=batch_size,
-            classifier=classifier.value,
-            device=device,
-            limit=limit,
-            progress=step_progress("evaluate", "model-batches"),
-        )
+            with dask_progress("evaluate: statistics and fits"):
+                for _, linear, ident in sweep_variants(opened, max_blocks, stats_name):
+                    variants += [linear, ident]
+        with WorkProgress("evaluate:") as progress:
+            report = evaluate_variants(
+                opened,
+                variants,
+                checkpoint=checkpoint,
+                batch_size=batch_size,
+                classifier=classifier.value,
+                device=device,
+                limit=limit,
+                progress=progress,
+                time_budget=time_budget,
+            )
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted: nothing was evaluated to the end; the maps fitted so far are kept as "

@@ -12,7 +12,10 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rba_store.approx.surgery import Work
 
 
 def _interval() -> float:
@@ -31,7 +34,32 @@ def plain_lines() -> bool:
 def _eta(done: float, total: float, elapsed: float) -> str:
     if done <= 0 or total <= done:
         return "ETA 0 s" if total <= done else "ETA ?"
-    return f"ETA {elapsed * (total - done) / done:,.0f} s"
+    return f"ETA {duration(elapsed * (total - done) / done)}"
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 01 min``."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 90:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def format_rate(count: float, elapsed: float, unit: str) -> str:
+    """``12 samples/s``, ``0.25 samples/s``, or ``40 s per sample`` when slower than 1 every
+    10 s: never a rate that rounds to 0 while work is being done."""
+    rate = count / max(elapsed, 1e-9)
+    if rate >= 10:
+        return f"{rate:,.0f} {unit}/s"
+    if rate >= 0.1:
+        return f"{rate:.2g} {unit}/s"
+    if count <= 0:
+        return f"? {unit}/s"
+    one = unit[:-2] if unit.endswith(("ches", "shes", "sses")) else unit.removesuffix("s")
+    return f"{duration(elapsed / count)} per {one}"
 
 
 class LineProgress:
@@ -53,7 +81,7 @@ class LineProgress:
             pct = 100 * self.done / max(self.total, 1)
             print(
                 f"rba-store: {self.label} {self.done}/{self.total} {self.unit} ({pct:.0f}%), "
-                f"{self.counted / elapsed:,.1f} {self.unit}/s{extra}, "
+                f"{format_rate(self.counted, elapsed, self.unit)}{extra}, "
                 f"{_eta(self.counted, self.counted + self.total - self.done, elapsed)}",
                 file=sys.stderr,
                 flush=True,
@@ -102,61 +130,100 @@ class ProgressBar:
         self.progress.update(self.task, advance=samples, rate=rate)
 
 
-class CandidateProgress:
-    """``select``'s progress: the step, the candidate and batch being tried, rate and ETA of
-    the step (the number of steps is not known in advance). A rich bar on a terminal; plain
-    lines (at most one every interval, across steps) otherwise."""
+class WorkEta:
+    """Remaining seconds of cost-weighted work (:class:`rba_store.approx.surgery.Work`): the
+    cost left at the rate measured so far (time spent on work of fixed duration left out), plus
+    the fixed-duration work still to come. None until a rate is known.
 
-    def __init__(self, label: str = "select") -> None:
+    The rate is measured from the first report (what came before took an unknown time), and
+    from the second once two units of work have been done after it: the first unit carries
+    the warm-up (first forward passes, loading), which would inflate the estimate."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, float, float]] = []  # time, cost, fixed seconds
+        self.rate: float | None = None  # cost per second
+
+    def seconds_for(self, cost: float) -> float | None:
+        """Seconds that ``cost`` units take at the rate measured so far."""
+        return None if self.rate is None else cost / self.rate
+
+    def __call__(self, work: Work, now: float) -> float | None:
+        left = max(work.cost_total - work.cost_done, 0.0)
+        mark = (now, work.cost_done, work.seconds_done)
+        if not self.marks or (len(self.marks) == 1 and work.cost_done > self.marks[0][1]):
+            self.marks.append(mark)  # the first report, and the first with cost done after it
+        base = self.marks[1] if len(self.marks) > 1 and mark[1] > self.marks[1][1] else None
+        start, cost_start, fixed_start = base or self.marks[0]
+        cost = work.cost_done - cost_start
+        busy = (now - start) - (work.seconds_done - fixed_start)
+        if cost > 0 and busy > 0:
+            self.rate = cost / busy
+        if left == 0:
+            return work.seconds_left
+        return None if self.rate is None else left / self.rate + work.seconds_left
+
+
+class WorkProgress:
+    """Progress of ``evaluate`` and ``select`` (``label``, e.g. ``evaluate:``, is put before
+    what is being done): what is being done (model i/n, step and
+    candidate i/n, timing), the share of the cost-weighted work done, and an ETA from the rate
+    of that work (an upper bound when the total is: select's steps). A rich bar on a terminal;
+    plain lines (at most one every interval) otherwise."""
+
+    def __init__(self, label: str) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         console = Console(stderr=True)
         self.label, self.plain = label, plain_lines()
         self.interval = _interval()
-        self.last = time.perf_counter()
-        self.step, self.step_start = 0, self.last
+        self.start = self.last = time.perf_counter()
+        self.eta = WorkEta()
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[eta]}"),
             console=console,
             disable=self.plain or not console.is_terminal,
         )
-        self.task = self.progress.add_task(label, total=1)
+        self.task = self.progress.add_task(label, total=1.0, eta="")
 
-    def __enter__(self) -> CandidateProgress:
+    def __enter__(self) -> WorkProgress:
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
-    def __call__(
-        self, step: int, candidate: int, candidates: int, batch: int, batches: int
-    ) -> None:
+    def __call__(self, work: Work) -> None:
         now = time.perf_counter()
-        if step != self.step:  # the first report of a step: its rate is not known yet
-            self.step, self.step_start = step, now
-            if self.plain:
-                return
-        done, total = (batch - 1) * candidates + candidate, candidates * batches
-        where = f"{self.label} step {step}: candidate {candidate}/{candidates}" + (
-            f", batch {batch}/{batches}" if batches > 1 else ""
-        )
+        eta = eta_text(self.eta(work, now), work)
+        if work.stage_left is not None and work.bound:
+            stage = self.eta.seconds_for(work.stage_left)
+            eta = f"step ETA {'?' if stage is None else duration(stage)}, {eta}"
+        where = f"{self.label} {work.what}"
         if not self.plain:
-            self.progress.update(self.task, description=where, completed=done, total=total)
+            self.progress.update(self.task, description=where, completed=work.fraction, eta=eta)
             return
         if now - self.last < self.interval:
             return
         self.last = now
-        elapsed = max(now - self.step_start, 1e-9)
+        share = f"{100 * work.fraction:.0f}% done"
         print(
-            f"rba-store: {where} ({100 * done / total:.0f}% of the step), "
-            f"{done / elapsed:,.1f} candidate-batches/s, step {_eta(done, total, elapsed)}",
+            f"rba-store: {where} ({'at least ' if work.bound else ''}{share}), "
+            f"{duration(now - self.start)} so far, {eta}",
             file=sys.stderr,
             flush=True,
         )
+
+
+def eta_text(eta: float | None, work: Work) -> str:
+    if eta is None:
+        return "ETA ?"
+    if work.bound:
+        return f"ETA at most {duration(eta)} ({work.bound})"
+    return f"ETA {duration(eta)}"
 
 
 def step_progress(label: str, unit: str = "steps") -> Any:

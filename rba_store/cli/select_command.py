@@ -15,11 +15,12 @@ from rba_store.cli.app import (
     ClassifierOpt,
     JsonOpt,
     StoreArg,
+    TimeBudgetOpt,
     app,
     check_folder,
     check_output_file,
 )
-from rba_store.cli.progress import CandidateProgress, dask_progress, step_progress
+from rba_store.cli.progress import WorkProgress, dask_progress
 from rba_store.errors import Interrupted
 
 
@@ -87,6 +88,7 @@ def select(
             "'apply --selection FILE --fold' writes the smaller standard model."
         ),
     ] = False,
+    time_budget: TimeBudgetOpt = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Greedy span selection on the validation split; test accuracy, size and speed of the path."""
@@ -112,12 +114,13 @@ def select(
         batch_size=batch_size,
         name=name,
         fold=fold,
+        time_budget=time_budget,
     )
     try:
-        with dask_progress("select: statistics and fits"), CandidateProgress() as progress:
+        with dask_progress("select: statistics and fits"), WorkProgress("select") as progress:
             selection = select_spans(opened, options, checkpoint, progress)
-        test_progress = step_progress("select: test split", "model-batches")
-        report = evaluate_path(opened, selection, checkpoint, test_progress)
+        with WorkProgress("select: test split:") as progress:
+            report = evaluate_path(opened, selection, checkpoint, progress)
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted: no selection was written (maps fitted so far are kept as fits/a-b "
@@ -144,6 +147,8 @@ def select(
 
 
 def _format(selection: Any, report: dict[str, Any]) -> str:
+    from rba_store.approx.evaluate import format_rate
+
     if report.get("task") == "language":
         return _format_language(selection, report)
     rows = {v["name"]: v for v in report["variants"]}
@@ -156,7 +161,7 @@ def _format(selection: Any, report: dict[str, Any]) -> str:
         f"{'test acc':>8} {'identity':>8} {'params':>9} {'MFLOPs':>7} {'img/s':>7}",
         f"{0:>4} {'-':>6} {'-':<9} {0:>7} {100 * selection.original_val_accuracy:>7.2f}% "
         f"{100.0:>8.1f}% {100 * original['accuracy']:>7.2f}% {'':>8} {original['params']:>9,} "
-        f"{original['flops'] / 1e6:>7.2f} {original['images_per_s']:>7,.0f}",
+        f"{original['flops'] / 1e6:>7.2f} {format_rate(original['images_per_s']):>7}",
     ]
     for i, step in enumerate(selection.steps, start=1):
         row = rows[f"selected -{step.blocks_removed}"]
@@ -166,13 +171,16 @@ def _format(selection: Any, report: dict[str, Any]) -> str:
             f"{i:>4} {f'{step.span[0]}:{step.span[1]}':>6} {step.kind:<9} {step.blocks_removed:>7} "
             f"{100 * step.val_accuracy:>7.2f}% {100 * step.val_agreement:>8.1f}% "
             f"{100 * row['accuracy']:>7.2f}% {ident_acc} {row['params']:>9,} "
-            f"{row['flops'] / 1e6:>7.2f} {row['images_per_s']:>7,.0f}"
+            f"{row['flops'] / 1e6:>7.2f} {format_rate(row['images_per_s']):>7}"
         )
     lines.append(f"stopped: {selection.stop_reason}")
+    lines.append(f"img/s: {report['timing']['how']}")
     return "\n".join(lines)
 
 
 def _format_language(selection: Any, report: dict[str, Any]) -> str:
+    from rba_store.approx.evaluate import format_rate
+
     rows = {v["name"]: v for v in report["variants"]}
     original = rows["original"]
     lines = [
@@ -184,7 +192,7 @@ def _format_language(selection: Any, report: dict[str, Any]) -> str:
         f"{0:>4} {'-':>6} {'-':<9} {0:>7} {100 * selection.original_val_accuracy:>7.2f}% "
         f"{selection.original_val_perplexity:>9.4g} {100 * original['accuracy']:>7.2f}% "
         f"{original['perplexity']:>9.4g} {'':>9} {original['params']:>11,} "
-        f"{original['tokens_per_s']:>9,.0f}",
+        f"{format_rate(original['tokens_per_s']):>9}",
     ]
     for i, step in enumerate(selection.steps, start=1):
         row = rows[f"selected -{step.blocks_removed}"]
@@ -194,7 +202,8 @@ def _format_language(selection: Any, report: dict[str, Any]) -> str:
             f"{i:>4} {f'{step.span[0]}:{step.span[1]}':>6} {step.kind:<9} {step.blocks_removed:>7} "
             f"{100 * step.val_accuracy:>7.2f}% {step.val_perplexity:>9.4g} "
             f"{100 * row['accuracy']:>7.2f}% {row['perplexity']:>9.4g} {ident_ppl} "
-            f"{row['params']:>11,} {row['tokens_per_s']:>9,.0f}"
+            f"{row['params']:>11,} {format_rate(row['tokens_per_s']):>9}"
         )
     lines.append(f"stopped: {selection.stop_reason}")
+    lines.append(f"tok/s: {report['timing']['how']}")
     return "\n".join(lines)
