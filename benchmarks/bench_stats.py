@@ -7,8 +7,9 @@ For stores of N and 4N samples (N, 2N, 4N, 8N with ``full``) it times, in this p
   - stats without CKA (``cka=False``, the CLI's ``--no-cka``).
 Stores: the embedded default model (13 points x 17 tokens x 64 channels, float32, blosc-zstd) on
 digit inputs tiled with a little noise; ``smoke`` uses a synthetic store of the same shape so that
-it needs no trained weights. The machine's float64 GEMM rate on the CKA's product explains the
-ratio: the product alone, at that rate, is reported as a share of the statistics' time.
+it needs no trained weights. The machine's float64 ``syrk`` rate on the CKA's product explains
+the ratio: the product alone (the FLOPs a user needs, one triangle: rows·p·(p+1)), at that rate,
+is reported as a share of the statistics' time.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from typing import Any
 import dask
 import numpy as np
 
+from benchmarks._machine import syrk_gflops
 from benchmarks._plots import line_plot
 from benchmarks._results import Context, Figures, Section, at_most, fmt, table
 from benchmarks._synthetic import write_store
+from rba_store.solve.symmetric import symmetric_flops
 from rba_store.stats import compute_block_stats
 from rba_store.store import Store
 from rba_store.store.reading import on_shard, shard_ranges
 
-TARGET_RATIO = 1.3
+TARGET_RATIO = 1.3  # issue 3: every statistic (the no-CKA figures keep it)
+TARGET_RATIO_CKA = 2.5  # issue 22: with the exact CKA (the joint moments of every pair)
 DIGITS_TRAIN = 1437
 
 
@@ -74,15 +78,6 @@ def read_all(store: Path) -> None:
     dask.compute(*[task(_count, opened, points, start, stop) for _, start, stop in ranges])
 
 
-def gemm_gflops(rows: int, p: int) -> float:
-    """float64 GFLOP/s of the symmetric product the CKA does (counted as 2·rows·p²)."""
-    z = np.random.default_rng(0).normal(size=(rows, p))
-    z @ z[:256].T  # warm-up
-    start = time.perf_counter()
-    z.T @ z
-    return 2 * rows * p * p / (time.perf_counter() - start) / 1e9
-
-
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -106,7 +101,7 @@ def measure(store: Path, repeats: int) -> dict[str, Any]:
         "read_s": read_s,
         "stats_s": stats_s,
         "nocka_s": light_s,
-        "cka_gflop": 2 * n * layout.points[0].n_tokens * p * p / 1e9,
+        "cka_gflop": symmetric_flops(n * layout.points[0].n_tokens, p) / 1e9,
         "shard_rows": layout.shard_samples * layout.points[0].n_tokens,
         "p": p,
     }
@@ -124,14 +119,14 @@ def run(ctx: Context) -> Section:
             rows.append(measure(store, repeats))
         finally:
             Store.remove(store)
-    gemm = gemm_gflops(rows[0]["shard_rows"], rows[0]["p"])
-    figures.add("gemm_f64_gflops", gemm, "GFLOP/s")
-    target = at_most(TARGET_RATIO)
+    syrk = syrk_gflops(rows[0]["shard_rows"], rows[0]["p"])
+    figures.add("syrk_f64_gflops", syrk, "GFLOP/s")
     table_rows = []
     for r in rows:
-        n, share = r["n"], r["cka_gflop"] / gemm / r["stats_s"]
-        figures.add(f"ratio_n{n}", r["stats_s"] / r["read_s"], "ratio", target)
-        figures.add(f"ratio_nocka_n{n}", r["nocka_s"] / r["read_s"], "ratio", target)
+        n, share = r["n"], r["cka_gflop"] / syrk / r["stats_s"]
+        ratio_target = at_most(TARGET_RATIO_CKA)
+        figures.add(f"ratio_n{n}", r["stats_s"] / r["read_s"], "ratio", ratio_target)
+        figures.add(f"ratio_nocka_n{n}", r["nocka_s"] / r["read_s"], "ratio", at_most(TARGET_RATIO))
         figures.add(f"read_seconds_n{n}", r["read_s"], "s")
         figures.add(f"stats_seconds_n{n}", r["stats_s"], "s")
         figures.add(f"stats_mb_s_n{n}", r["raw_mb"] / r["stats_s"], "MB/s")
@@ -165,19 +160,21 @@ def run(ctx: Context) -> Section:
             )
         ],
         title="Statistics ÷ plain read of the same arrays",
-        reference=[TARGET_RATIO],
+        reference=[TARGET_RATIO, TARGET_RATIO_CKA],
     )
     header = ["N", "raw MB", "read s", "stats s", "ratio", "no-CKA s", "ratio no-CKA", "read MB/s"]
-    header += ["stats MB/s", "µs/sample", "CKA product at the GEMM rate ÷ stats time"]
+    header += ["stats MB/s", "µs/sample", "CKA product at the syrk rate ÷ stats time"]
     store_kind = "a synthetic store shaped like" if ctx.size == "smoke" else "stores of"
     markdown = "\n\n".join(
         [
             "**What is measured:** all block statistics (`compute_block_stats`: BR, relative "
             "change, cosine, norms, exact CKA) ÷ reading and decompressing the same arrays with "
             f"the same task layout, on {store_kind} the embedded default model (13 points x 17 "
-            f"tokens x 64 channels, float32, blosc-zstd); median of {repeats}. The machine's "
-            "float64 GEMM rate on the CKA's product, measured in the same run: "
-            f"{gemm:.0f} GFLOP/s.",
+            f"tokens x 64 channels, float32, blosc-zstd); median of {repeats}. Targets: "
+            f"≤ {TARGET_RATIO_CKA:g} with CKA (issue 22), ≤ {TARGET_RATIO:g} without (issue 3). "
+            "The machine's float64 `syrk` rate on the CKA's product (one shard's rows by p = "
+            "832), counted as the FLOPs a user needs (rows·p·(p+1), one triangle), measured in "
+            f"the same run: {syrk:.0f} GFLOP/s.",
             table(header, table_rows),
             "![statistics](plots/stats.png)",
         ]

@@ -47,6 +47,9 @@ def test_smoke_suite_writes_wellformed_results(tmp_path: Path) -> None:
     assert metrics[("scaling", "fit_rss_ratio_2n")]["target"] == {"max": 1.1}
     assert any(r["benchmark"] == "extract" and r.get("target") == {"max": 1.15} for r in results)
     assert any(r["benchmark"] == "stats" and r.get("target") == {"max": 1.3} for r in results)
+    assert metrics[("stats", "ratio_n64")]["target"] == {"max": 2.5}  # with CKA (issue 22)
+    assert metrics[("moments", "moments_syrk_ratio_default")]["target"] == {"min": 0.7}
+    assert machine["rates"]["syrk_f64_gflops"] > 0 and machine["rates"]["gemm_f64_gflops"] > 0
 
     markdown = (out / "RESULTS.md").read_text()
     for name in ("summary", *BENCHMARKS):
@@ -69,7 +72,8 @@ def test_smoke_moments_reports_every_variant(tmp_path: Path) -> None:
     metrics = {r["metric"]: r["value"] for r in json.loads(json_path.read_text())["results"]}
     for variant in ("plain", "stats", "no_activations"):
         assert metrics[f"ratio_{variant}_default"] > 0
-    assert metrics["product_flops_ratio_default"] > 0 and metrics["gemm_f64_gflops_default"] > 0
+    assert metrics["product_flops_ratio_default"] > 0 and metrics["syrk_f64_gflops_default"] > 0
+    assert metrics["moments_gflops_default"] > 0 and metrics["moments_syrk_ratio_default"] > 0
     assert "stats_extra_ms_per_image_default" in metrics and "product_share_default" in metrics
     # the embedded default: 17 tokens, p = 13 points x 64 channels
     assert "| default (embedded) | 16 | 17 x 832 |" in (out / "RESULTS.md").read_text()
@@ -131,3 +135,33 @@ def test_a_capped_solver_store_repeats_its_samples_a_whole_number_of_times(
         n_store, n_mem = bench_solver.n_samples_for(ctx, d)
         assert n_mem < n_store and n_store % n_mem == 0
         assert n_store * bench_solver.TOKENS >= 1_000_000
+
+
+def test_product_flops_count_one_triangle() -> None:
+    """The FLOPs a user needs: syrk's rows·p·(p+1) for every pair, not a GEMM's 2·rows·p²."""
+    from benchmarks.bench_moments import pair_flops
+    from rba_store.stats.moments import band_pairs
+
+    widths = [64] * 13
+    assert pair_flops(17, widths, band_pairs(13, None)) == 17 * 832 * 833
+    assert pair_flops(5, [3, 4], ((0, 1),)) == 2 * 5 * 3 * 4
+
+
+def test_machine_reference_rates_are_measured() -> None:
+    from benchmarks._machine import blas_rates, summary
+
+    rates = blas_rates(512, 64)
+    assert rates["shape"] == [512, 64]
+    assert rates["syrk_f64_gflops"] > 0 and rates["gemm_f64_gflops"] > 0
+    machine = {
+        "cpu": "cpu",
+        "cores": 2,
+        "memory_gb": 1.0,
+        "gpu": None,
+        "python": "3",
+        "versions": {},
+        "blas": [],
+        "rates": rates,
+        "loadavg": [0.0],
+    }
+    assert "syrk" in summary(machine) and "GFLOP/s" in summary(machine)

@@ -2,8 +2,9 @@
 
 Letters: r = rows (token vectors) of a chunk, i = input channels (X = h_a), o = output channels
 (Y = h_b, or several targets side by side). The maths is written once against the array module
-``xp`` (NumPy or CuPy); chunks are cast to float64 where they live, products are GEMMs there, and
-the small results come back to the host once, for the solve.
+``xp`` (NumPy or CuPy); chunks are cast to float64 where they live, products run there (XᵀX as
+a symmetric rank-k update, XᵀY as a GEMM), and the small results come back to the host once, for
+the solve.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from rba_store.solve._backend import array_module, to_numpy
+from rba_store.solve.symmetric import symmetric_product
 from rba_store.workspace import float64_buffer
 
 COND_LIMIT = 1e10  # above this condition number of the system, Cholesky gives way to eigh
@@ -63,17 +65,19 @@ class NormalEquations:
     def from_chunk(
         cls, x_ri: Any, y_ro: Any, xp: ModuleType | None = None, gemm_dtype: str = "float64"
     ) -> NormalEquations:
-        """The accumulator of one chunk. ``gemm_dtype="float32"`` runs the two products in float32
-        (after centring in float64); results are still accumulated in float64 across chunks."""
+        """The accumulator of one chunk. XᵀX is a symmetric rank-k update
+        (:func:`~rba_store.solve.symmetric.symmetric_product`), XᵀY a GEMM.
+        ``gemm_dtype="float32"`` runs the two products in float32 (after centring in float64);
+        results are still accumulated in float64 across chunks."""
         xp = xp or array_module(x_ri)
         xc, mean_x = _centred_float64(x_ri, xp, "x")
         yc, mean_y = _centred_float64(y_ro, xp, "y")
         if gemm_dtype == "float32":
             xc32, yc32 = xc.astype(xp.float32), yc.astype(xp.float32)
-            sxx = (xc32.T @ xc32).astype(xp.float64)
+            sxx = symmetric_product(xc32, xp).astype(xp.float64)
             sxy = (xc32.T @ yc32).astype(xp.float64)
         else:
-            sxx, sxy = xc.T @ xc, xc.T @ yc
+            sxx, sxy = symmetric_product(xc, xp), xc.T @ yc
         return cls(len(xc), mean_x, mean_y, sxx, sxy, xp.einsum("ro,ro->o", yc, yc))
 
     def merge(self, other: NormalEquations) -> NormalEquations:

@@ -14,17 +14,22 @@ than the whole (p, p) matrix makes the memory O(L·S·w²) instead of O(L²·w²
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from rba_store.solve._backend import to_numpy
+from rba_store.solve.symmetric import symmetric_product
 from rba_store.workspace import float64_buffer
 
 _TINY = np.finfo(np.float64).tiny
+# Consecutive points all of whose pairs are kept share one symmetric product up to this many
+# columns together (its temporary result: 8 MiB at 1024).
+GROUP_COLUMNS = 1024
 
 
 @dataclass
@@ -42,9 +47,9 @@ class Moments:
 
     @classmethod
     def from_rows(cls, z_rp: np.ndarray, xp: ModuleType = np, overwrite: bool = False) -> Moments:
-        """The moments of rows ``z_rp``; the (p, p) product runs where ``xp`` (NumPy or CuPy)
-        computes, in float64, and the result comes back to the host. ``overwrite``: ``z_rp``
-        (float64) may be centred in place rather than copied."""
+        """The moments of rows ``z_rp``; the (p, p) symmetric product runs where ``xp`` (NumPy
+        or CuPy) computes, in float64, and the result comes back to the host. ``overwrite``:
+        ``z_rp`` (float64) may be centred in place rather than copied."""
         z = xp.asarray(z_rp, dtype=xp.float64)
         mean = z.mean(axis=0)
         if overwrite or z is not z_rp:  # a copy already (cast, or moved to the device)
@@ -52,7 +57,7 @@ class Moments:
             zc = z
         else:
             zc = z - mean
-        return cls(len(z), to_numpy(mean), to_numpy(zc.T @ zc))
+        return cls(len(z), to_numpy(mean), to_numpy(symmetric_product(zc, xp)))
 
     def merge(self, other: Moments) -> Moments:
         """Chan et al.: exact combination of two disjoint sets of rows."""
@@ -156,10 +161,12 @@ class PairMoments:
         xp: ModuleType = np,
         overwrite: bool = False,
     ) -> PairMoments:
-        """The moments of rows ``z_rp`` for ``pairs``: for each first point a, one product of
-        its centred columns with each contiguous run of its partners' columns, in float64 where
-        ``xp`` (NumPy or CuPy) computes; the blocks come back to the host. ``overwrite``:
-        ``z_rp`` (float64) may be centred in place rather than copied."""
+        """The moments of rows ``z_rp`` for ``pairs``, in float64 where ``xp`` (NumPy or CuPy)
+        computes; the blocks come back to the host. One triangle is computed: consecutive points
+        all of whose pairs are kept share one symmetric product (:func:`_fill_groups`); for
+        every other pair, a GEMM of the first point's centred columns with each contiguous run
+        of its partners' columns. ``overwrite``: ``z_rp`` (float64) may be centred in place
+        rather than copied."""
         z = xp.asarray(z_rp, dtype=xp.float64)
         mean = z.mean(axis=0)
         if overwrite or z is not z_rp:  # a copy already (cast, or moved to the device)
@@ -173,9 +180,11 @@ class PairMoments:
         wide = max(widths, default=0)
         blocks = np.zeros((len(pairs), wide, wide))
         index = {pair: i for i, pair in enumerate(pairs)}
+        done = _fill_groups(blocks, index, zc, widths, xp)
         partners: dict[int, list[int]] = {}
         for a, b in pairs:
-            partners.setdefault(a, []).append(b)
+            if (a, b) not in done:
+                partners.setdefault(a, []).append(b)
         for a, bs in partners.items():
             x = zc[:, cols[a]]
             for run in _runs(bs):
@@ -227,6 +236,45 @@ class PairMoments:
 
     def nbytes(self) -> int:
         return int(self.blocks.nbytes + self.mean.nbytes)
+
+
+def _point_groups(widths: Sequence[int], kept: Container[Pair]) -> list[list[int]]:
+    """Runs of consecutive points every pair of which (diagonal included) is ``kept``, at most
+    :data:`GROUP_COLUMNS` wide together (a single point whatever its width)."""
+    groups: list[list[int]] = []
+    width = 0
+    for b, w in enumerate(widths):
+        if (b, b) not in kept:
+            continue
+        last = groups[-1] if groups else []
+        joins = bool(last) and last[-1] == b - 1 and width + w <= GROUP_COLUMNS
+        if joins and all((a, b) in kept for a in last):
+            last.append(b)
+            width += w
+        else:
+            groups.append([b])
+            width = w
+    return groups
+
+
+def _fill_groups(
+    blocks: np.ndarray, index: dict[Pair, int], zc: Any, widths: Sequence[int], xp: ModuleType
+) -> set[Pair]:
+    """Fill the blocks of the pairs inside each of :func:`_point_groups` from one symmetric
+    product of the group's centred columns ``zc``; return the pairs filled."""
+    cols = point_columns(widths)
+    done: set[Pair] = set()
+    for group in _point_groups(widths, index):
+        start, stop = cols[group[0]].start, cols[group[-1]].stop
+        product = to_numpy(symmetric_product(zc[:, start:stop], xp))
+        for i, a in enumerate(group):
+            rows = slice(cols[a].start - start, cols[a].stop - start)
+            for b in group[i:]:
+                blocks[index[(a, b)], : widths[a], : widths[b]] = product[
+                    rows, cols[b].start - start : cols[b].stop - start
+                ]
+                done.add((a, b))
+    return done
 
 
 def _runs(sorted_values: Sequence[int]) -> list[list[int]]:
