@@ -4,6 +4,7 @@ uninterrupted process."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from rba_store.cli import main
-from rba_store.extract.worker_partials import load_partial, partial_path
+from rba_store.extract.worker_partials import load_partial, partial_path, partials_folder
 from rba_store.solve import FitOptions, fit_spans, load_fit
 from rba_store.store import Store
 from rba_store.store.info import store_info
@@ -91,3 +92,25 @@ def test_shards_written_after_the_last_save_are_extracted_again(tmp_path: Path) 
     np.testing.assert_allclose(
         resumed["moment_blocks"].values, reference["moment_blocks"].values, rtol=1e-10, atol=1e-10
     )
+
+
+def test_a_finished_run_leaves_no_partials_and_a_new_store_ignores_old_ones(
+    tmp_path: Path,
+) -> None:
+    """The merged statistics are saved and the workers' partials deleted, not saved again on
+    the way out; a store created anew at a path never resumes a former store's partials."""
+    layout = ["--chunk-samples", "10", "--shard-samples", "20"]
+    args = ["--stats", "--no-activations", "--limit", "40", *layout]
+    out, fresh = tmp_path / "s.zarr", tmp_path / "fresh.zarr"
+    assert main(["extract", "--out", str(out), *args]) == 0
+    assert not partials_folder(out).exists()
+    stale = partial_path(out, 0, 1)  # as if left by another extraction at this path
+    stale.parent.mkdir()
+    shutil.copy(tmp_path / "s.zarr" / "zarr.json", stale)  # any bytes: never read
+    other = ["--stats", "--no-activations", "--limit", "60", *layout]
+    assert main(["extract", "--out", str(out), *other, "--overwrite"]) == 0
+    assert main(["extract", "--out", str(fresh), *other]) == 0
+    assert not partials_folder(out).exists()
+    saved, reference = (Store.open(p).read_analysis("stats", "tokens-all") for p in (out, fresh))
+    assert saved is not None and reference is not None and saved.attrs["n_samples"] == 60
+    np.testing.assert_allclose(saved["moment_blocks"].values, reference["moment_blocks"].values)

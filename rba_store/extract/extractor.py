@@ -24,6 +24,7 @@ import numpy as np
 from rba_store.errors import UsageError
 from rba_store.extract.plan import ExtractionPlan
 from rba_store.extract.streamed_stats import StreamedStats
+from rba_store.extract.worker_partials import remove_partials
 from rba_store.store import (
     FEATURES,
     INPUT_IDS,
@@ -65,6 +66,7 @@ def _open_or_create(plan: ExtractionPlan, out: Path, overwrite: bool) -> tuple[S
         )
     # Build the new store beside its final place, then move it in: a crash leaves no half store.
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_partials(out)  # a former store's worker statistics at this path must not resume
     staging = out.with_name(f".{out.name}.creating-{os.getpid()}")
     try:
         created = Store.create(staging, plan.description, plan.layout)

@@ -158,4 +158,5 @@ class StreamedStats:
         stats = BlockStats.from_partials(self.partials, widths, attrs)
         store.write_analysis(STATS, attrs["name"], stats.to_dataset())
         remove_partials(store.root)  # merged and saved: nothing left to resume
+        self.partials = None  # nor to save again (the extractor saves on the way out)
         return stats
