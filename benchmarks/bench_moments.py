@@ -46,7 +46,8 @@ from rba_store.extract import ExtractionPlan, plan_extraction
 from rba_store.extract.streamed_stats import streamed_cost
 from rba_store.extract.worker_partials import partials_folder
 from rba_store.solve.symmetric import symmetric_flops, symmetric_product
-from rba_store.stats.moments import Pair, band_pairs, pair_moments_of_chunk
+from rba_store.stats.moments import Pair, band_pairs
+from rba_store.stats.partials import pair_moments_of_chunk
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},

@@ -30,7 +30,8 @@ from rba_store.extract.worker_partials import (
     save_partial,
 )
 from rba_store.stats import default_name, memory
-from rba_store.stats.moments import BlockPartials, fold_pairs, split_chunk_partials
+from rba_store.stats.moments import fold_pairs
+from rba_store.stats.partials import BlockPartials, split_chunk_partials
 from rba_store.stats.reduce import stats_attrs
 from rba_store.stats.result import BlockStats
 from rba_store.store import STATS, SampleSelection, Store, StoreLayout

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rba_store.stats.moments import BlockPartials, PairMoments
+from rba_store.stats.moments import PairMoments
+from rba_store.stats.partials import BlockPartials
 
 _NAME = re.compile(r"^worker-(\d+)-of-(\d+)\.npz$")
 _SUMS = ("sq_change", "rel_change", "cos_sum", "norm_sum")

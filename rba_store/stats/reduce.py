@@ -1,7 +1,7 @@
 """Block statistics as one lazy Dask reduction over the store's shards.
 
 Each shard-aligned chunk of every ``h_k`` is read once, by the one task that turns it into float64
-:class:`~rba_store.stats.moments.BlockPartials`; partials are merged pairwise in a tree and the
+:class:`~rba_store.stats.partials.BlockPartials`; partials are merged pairwise in a tree and the
 result is derived at the end. Memory: a few chunks plus the co-moment partials of the pairs of
 points kept (the band, or every pair; :mod:`rba_store.stats.memory`), whatever the number of
 samples. With ``cka_pairs="all"`` and a band, further passes compute the CKA of the pairs
@@ -23,16 +23,8 @@ from rba_store.dask_compute import compute, concurrency, tree_reduce
 from rba_store.errors import UsageError
 from rba_store.solve._backend import get_xp
 from rba_store.stats import memory
-from rba_store.stats.moments import (
-    BlockPartials,
-    Pair,
-    PairMoments,
-    band_pairs,
-    fold_pairs,
-    hsic_of,
-    pair_moments_of_chunk,
-    split_chunk_partials,
-)
+from rba_store.stats.moments import Pair, PairMoments, band_pairs, fold_pairs, hsic_of
+from rba_store.stats.partials import BlockPartials, pair_moments_of_chunk, split_chunk_partials
 from rba_store.stats.result import BlockStats
 from rba_store.store import SampleSelection, Store
 from rba_store.store.reading import on_shard, shard_ranges

@@ -9,7 +9,6 @@ import numpy as np
 import xarray as xr
 
 from rba_store.stats.moments import (
-    BlockPartials,
     Moments,
     Pair,
     PairMoments,
@@ -18,6 +17,7 @@ from rba_store.stats.moments import (
     hsic_of,
     point_columns,
 )
+from rba_store.stats.partials import BlockPartials
 
 # How saved statistics name the two sets of joint moments: the rows to fit, the held-out rows.
 MOMENT_SETS = ("moment", "heldout")
