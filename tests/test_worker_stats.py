@@ -68,7 +68,9 @@ def test_two_workers_one_killed_and_resumed_equal_one_process(tmp_path: Path) ->
         fit_spans(path, FitOptions(spans=SPANS, source="moments", backend="numpy"))
     for a, b in SPANS:
         t_merged, t_single = (load_fit(p, f"{a}-{b}")["T"].values for p in (shared, single))
-        np.testing.assert_allclose(t_merged, t_single, rtol=1e-10, atol=1e-10)
+        # Within 1e-10 of the map's scale: merging in another order rounds the moments
+        # differently (1e-16), and the solve scales that by the condition number.
+        assert np.abs(t_merged - t_single).max() <= 1e-10 * np.abs(t_single).max()
 
 
 def test_shards_written_after_the_last_save_are_extracted_again(tmp_path: Path) -> None:
