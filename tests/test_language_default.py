@@ -124,3 +124,13 @@ def test_the_reserved_name_on_the_command_line(
         capsys, "extract", "--model", LM_NAME, "--tokens", "cls", "--out", tmp_path / "x.zarr"
     )
     assert code == 2 and "--tokens cls is for vision models" in err
+
+
+def test_the_default_store_is_named_after_the_model_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its corpus is implied: not 'rba-stdlib-lm_digits.zarr' (the vision default's data)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "extract", "--model", LM_NAME, "--limit", 2, "--dry-run")
+    assert code == 0, err
+    assert f"-> runs/{LM_NAME}.zarr" in out.splitlines()[0]
