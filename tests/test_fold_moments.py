@@ -191,3 +191,17 @@ def test_what_cannot_give_folded_moments_is_refused_in_one_line(
     )  # fmt: skip
     assert code != 0 and "--mlp-outputs" in err and "drop --mlp-outputs" in err
     assert "\n" not in err.strip() and not (tmp_path / "r.zarr").exists()
+
+
+def test_dry_run_counts_the_mlp_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["extract", "--limit", 40, "--out", tmp_path / "s.zarr", "--dry-run"]
+    code, plain, _ = run_cli(capsys, *args)
+    code_mlp, with_mlp, err = run_cli(capsys, *args, "--mlp-outputs")
+    assert code == code_mlp == 0, err
+    assert "h0..h12 and m1..m12 (MLP outputs)" in with_mlp and "m1..m12" not in plain
+
+    def raw(out: str) -> float:  # "activations X MiB raw"
+        return float(out.split("activations ")[1].split(" MiB raw")[0])
+
+    assert raw(with_mlp) == pytest.approx(raw(plain) * 25 / 13, rel=1e-2)  # 12 more arrays
+    assert not (tmp_path / "s.zarr").exists()

@@ -155,12 +155,8 @@ def layout_for(plan: ExtractionPlan, n_samples: int) -> StoreLayout:
     return replace(
         planned,
         sample_id_bytes=layout.sample_id_bytes,
-        mlp_points=getattr(layout, "mlp_points", ()),
+        mlp_points=layout.mlp_points,
     )
-
-
-def _all_points(layout: StoreLayout) -> tuple[Any, ...]:
-    return tuple(getattr(layout, "all_points", layout.points))
 
 
 def _stored_bytes(values: np.ndarray, codec: str, clevel: int, chunk_rows: int) -> int:
@@ -265,13 +261,17 @@ def sample_size(plan: ExtractionPlan) -> int:
 def later_stats_bytes(layout: StoreLayout) -> int:
     """The joint moments a later ``rba-store stats`` (its defaults) saves in the store."""
     from rba_store.stats import memory
+    from rba_store.stats.moments import fold_pairs
 
-    widths = [p.n_channels for p in _all_points(layout)]
+    widths = [p.n_channels for p in layout.points]
     itemsize = storage_dtype(layout.dtype).itemsize
     t = layout.points[0].n_tokens
 
     def partial(band: int | None) -> int:
-        return memory.stats_memory(widths, t, layout.shard_samples, itemsize, band).partial
+        mlp = len(fold_pairs(len(widths), band)) if layout.mlp_points else 0  # MLP outputs'
+        return memory.stats_memory(
+            widths, t, layout.shard_samples, itemsize, band, mlp_pairs=mlp
+        ).partial
 
     full = partial(None)
     return full if full <= memory.FULL_AUTO_LIMIT else partial(min(4, len(widths) - 1))
@@ -288,7 +288,7 @@ def dry_run(
     layout = layout_for(plan, n)
     options = plan.options
     batch = min(options.batch_size, layout.shard_samples)
-    points = _all_points(layout)
+    points = layout.all_points
     itemsize = storage_dtype(layout.dtype).itemsize
     per_sample = sum(p.n_tokens * p.n_channels for p in points) * itemsize
     f32_per_sample = sum(p.n_tokens * p.n_channels for p in points) * 4
