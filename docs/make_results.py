@@ -63,14 +63,15 @@ def measure(work: Path) -> dict[str, Any]:
         "store": store,
         "sweep": sweep,
         "runs": runs,
-        "folded": measure_folded(store, runs["fold"][0]),
+        "folded": measure_folded(store, runs["fold"][0]),  # at the spans select --fold chose
         "readings": measure_readings(store),
     }
 
 
 def measure_folded(store: Any, selection: Any) -> dict[str, Any]:
-    """At the spans ``select --fold`` removes: the inserted maps (fitted on h_a), the folded
-    maps (into block a's MLP) and the identity, on the test split (issue 20)."""
+    """At the spans a selection removes: the inserted maps (fitted on h_a), the folded maps
+    (into block a's MLP, fitted where missing) and the identity, on the test split (test
+    windows for a language model; issue 20)."""
     from rba_store.approx.evaluate import Variant, evaluate_variants, identity_variant
     from rba_store.approx.rebuild import held_out_source
     from rba_store.approx.select import original_maps
@@ -78,11 +79,12 @@ def measure_folded(store: Any, selection: Any) -> dict[str, Any]:
     spans = sorted(m.span for m in selection.maps)
     variants = [
         Variant("inserted", list(original_maps(store, spans).values())),
-        Variant("folded", list(selection.maps)),
+        Variant("folded", list(original_maps(store, spans, fold=True).values())),
         identity_variant(spans),
     ]
-    test = held_out_source(store.description["data"], "test")
-    return evaluate_variants(store, variants, source=test)
+    language = store.description["model"].get("family") == "language"
+    test = None if language else held_out_source(store.description["data"], "test")
+    return evaluate_variants(store, variants, source=test, batch_size=32 if language else 256)
 
 
 def measure_readings(store: Any) -> dict[str, Any]:
@@ -308,6 +310,7 @@ def _readings(figures: dict[str, Any]) -> list[str]:
 def measure_lm(work: Path) -> dict[str, Any]:
     """Every figure of the language-model block, from the shipped ``rba-stdlib-lm``."""
     from rba_store.approx.select import SelectOptions, evaluate_path, select_spans
+    from rba_store.errors import UsageError
     from rba_store.extract import ExtractOptions, plan_extraction
     from rba_store.extract import run_extraction as run
     from rba_store.extract.default_lm import LM_NAME
@@ -319,7 +322,11 @@ def measure_lm(work: Path) -> dict[str, Any]:
     options = SelectOptions(max_drop=LM_MAX_DROP, max_ppl_increase=LM_MAX_PPL, batch_size=32)
     selection = select_spans(store, options)
     runs = {"select": (selection, evaluate_path(store, selection))}
-    return {"store": store, "runs": runs}
+    try:
+        folded = measure_folded(store, selection)
+    except UsageError as error:  # e.g. one span removes the block another folds into
+        folded = {"refused": str(error), "variants": []}
+    return {"store": store, "runs": runs, "folded": folded}
 
 
 def render_lm(figures: dict[str, Any]) -> str:
@@ -364,7 +371,7 @@ def render_lm(figures: dict[str, Any]) -> str:
             f"{_pct(row['accuracy'])} | {same} | {row['params']:,} |"
         )
     lines += ["", f"It stopped because {selection.stop_reason}."]
-    lines += ["", *_lm_summary(figures), "", LM_END]
+    lines += ["", *_lm_summary(figures), *_lm_folded(figures), "", LM_END]
     return "\n".join(lines)
 
 
@@ -395,6 +402,44 @@ def _lm_summary(figures: dict[str, Any]) -> list[str]:
         )
     text += "."
     return [text]
+
+
+def _lm_folded(figures: dict[str, Any]) -> list[str]:
+    """Inserted vs folded vs identity at the layers ``select`` removes."""
+    if "refused" in figures["folded"]:
+        return ["", f"**Folded maps** at these spans: {figures['folded']['refused']}."]
+    rows = _rows(figures["folded"])
+    identity = rows[next(n for n in rows if n.startswith("identity"))]
+    spans = ", ".join(f"{a}:{b}" for a, b in rows["folded"]["spans"])
+    lines = [
+        "",
+        f"**Folded maps** (issue 20) at the same spans ({spans}), on the test windows: the "
+        "inserted maps (what `select` scored), the maps folded into block a's `down_proj` "
+        "(`fit --fold`, `apply --fold`: a `LlamaForCausalLM` with fewer layers) and the identity:",
+        "",
+        "| variant | test perplexity | test accuracy | agreement with the original | parameters |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in (
+        ("original", rows["original"]),
+        ("inserted", rows["inserted"]),
+        ("folded", rows["folded"]),
+        ("identity", identity),
+    ):
+        lines.append(
+            f"| {name} | {v['perplexity']:.3f} | {_pct(v['accuracy'])} | "
+            f"{_pct(v['agreement'])} | {v['params']:,} |"
+        )
+    inserted, folded = rows["inserted"], rows["folded"]
+    gap = 100 * (folded["perplexity"] / inserted["perplexity"] - 1)
+    lines += [
+        "",
+        f"In words: folded, perplexity is {folded['perplexity']:.3f} ({gap:+.2f} % against the "
+        f"inserted maps; the identity gives {identity['perplexity']:.3f}) with exactly the "
+        f"identity's {folded['params']:,} parameters, "
+        f"{inserted['params'] - folded['params']:,} fewer than the inserted maps.",
+    ]
+    return lines
 
 
 def replace_block(text: str, block: str, begin: str = BEGIN, end: str = END) -> str:
