@@ -23,6 +23,22 @@ def _cpu_threads_rule():
         yield
 
 
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The array module under test: NumPy always, CuPy where a GPU is visible."""
+    import numpy as np
+
+    from rba_store.solve._backend import gpu_available
+
+    if request.param == "numpy":
+        return np
+    if not gpu_available():
+        pytest.skip("CuPy with a CUDA GPU is not available")
+    import cupy
+
+    return cupy
+
+
 def tree_digest(path: Path) -> str:
     """sha256 over every file (name and bytes) below ``path``: proves a store was not touched."""
     digest = hashlib.sha256()

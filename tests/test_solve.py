@@ -29,18 +29,6 @@ from rba_store.store.selection import SampleSelection
 from tests.conftest import tree_digest
 
 
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    """The array module under test: NumPy always, CuPy where a GPU is visible."""
-    if request.param == "numpy":
-        return np
-    if not gpu_available():
-        pytest.skip("CuPy with a CUDA GPU is not available")
-    import cupy
-
-    return cupy
-
-
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 

@@ -8,25 +8,13 @@ import numpy as np
 import pytest
 
 from rba_store.solve import normal_eq
-from rba_store.solve._backend import gpu_available, to_numpy
+from rba_store.solve._backend import to_numpy
 from rba_store.solve.normal_eq import NormalEquations
 from rba_store.solve.symmetric import symmetric_flops, symmetric_product
 from rba_store.stats import moments
 from rba_store.stats.moments import Moments, Pair, PairMoments, band_pairs, point_columns
 
 SHAPES = [(1, 1), (1, 7), (2, 5), (7, 1), (13, 3), (97, 31), (128, 64), (257, 129), (1001, 67)]
-
-
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    """The array module under test: NumPy always, CuPy where a GPU is visible."""
-    if request.param == "numpy":
-        return np
-    if not gpu_available():
-        pytest.skip("CuPy with a CUDA GPU is not available")
-    import cupy
-
-    return cupy
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
