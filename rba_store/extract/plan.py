@@ -83,35 +83,6 @@ class ExtractionPlan:
     def random_weights(self) -> bool:
         return self.loaded.weights["source"] == "random"
 
-    def sizes(self) -> dict[str, int]:
-        """Bytes on disk (uncompressed) and memory per batch and per shard buffer."""
-        layout = self.layout
-        feature_bytes = layout.n_features * np.dtype(layout.dtype).itemsize
-        per_sample = layout.sample_bytes() + feature_bytes
-        f32_per_sample = sum(p.n_tokens * p.n_channels for p in layout.points) * 4
-        batch = min(self.options.batch_size, layout.shard_samples)
-        stored_per_sample = per_sample if self.options.store_activations else feature_bytes
-        sizes = {
-            "n_samples": layout.n_samples,
-            "store_bytes_raw": stored_per_sample * layout.n_samples,
-            "batch_activation_bytes": f32_per_sample * batch,
-            "shard_buffer_bytes": per_sample * layout.shard_samples,
-            # one batch in float32 + the shard being filled + the shard being written
-            "peak_bytes_estimate": f32_per_sample * batch + 2 * per_sample * layout.shard_samples,
-        }
-        if self.options.stats:
-            # The joint moments of [h0 | ... | hL] that extract --stats keeps (every pair of
-            # points, or a band of them for wide, deep models), per set of rows (two with
-            # --holdout), and the memory of folding the shards (rba_store/stats/memory.py).
-            from rba_store.extract.streamed_stats import streamed_cost
-
-            _, cost = streamed_cost(layout, bool(self.options.stats_holdout))
-            sizes["moments_bytes"] = cost.partial
-            sizes["moments_peak_bytes"] = cost.peak
-            sizes["moments_pairs"], sizes["moments_total_pairs"] = cost.pairs, cost.total_pairs
-            sizes["peak_bytes_estimate"] += cost.peak
-        return sizes
-
 
 def _library_versions() -> dict[str, str]:
     import dask
