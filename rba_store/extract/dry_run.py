@@ -151,12 +151,9 @@ def layout_for(plan: ExtractionPlan, n_samples: int) -> StoreLayout:
         chunk_samples=options.chunk_samples,
         shard_samples=options.shard_samples,
         seq_len=layout.seq_len,
-    )
-    return replace(
-        planned,
-        sample_id_bytes=layout.sample_id_bytes,
         mlp_points=layout.mlp_points,
     )
+    return replace(planned, sample_id_bytes=layout.sample_id_bytes)
 
 
 def _stored_bytes(values: np.ndarray, codec: str, clevel: int, chunk_rows: int) -> int:
@@ -261,16 +258,15 @@ def sample_size(plan: ExtractionPlan) -> int:
 def later_stats_bytes(layout: StoreLayout) -> int:
     """The joint moments a later ``rba-store stats`` (its defaults) saves in the store."""
     from rba_store.stats import memory
-    from rba_store.stats.moments import fold_pairs
 
     widths = [p.n_channels for p in layout.points]
     itemsize = storage_dtype(layout.dtype).itemsize
     t = layout.points[0].n_tokens
+    mlp = bool(layout.mlp_points)
 
     def partial(band: int | None) -> int:
-        mlp = len(fold_pairs(len(widths), band)) if layout.mlp_points else 0  # MLP outputs'
         return memory.stats_memory(
-            widths, t, layout.shard_samples, itemsize, band, mlp_pairs=mlp
+            widths, t, layout.shard_samples, itemsize, band, mlp_outputs=mlp
         ).partial
 
     full = partial(None)

@@ -30,7 +30,6 @@ from rba_store.extract.worker_partials import (
     save_partial,
 )
 from rba_store.stats import default_name, memory
-from rba_store.stats.moments import fold_pairs
 from rba_store.stats.partials import BlockPartials, split_chunk_partials
 from rba_store.stats.reduce import stats_attrs
 from rba_store.stats.result import BlockStats
@@ -62,10 +61,9 @@ def streamed_cost(layout: StoreLayout, holdout: bool = False) -> tuple[int | Non
     t = layout.points[0].n_tokens
 
     def cost(band: int | None) -> memory.StatsMemory:
-        mlp = len(fold_pairs(len(widths), band)) if layout.mlp_points else 0
         return memory.stats_memory(
             widths, t, layout.shard_samples, itemsize, band, holdout=holdout, workers=1,
-            mlp_pairs=mlp,
+            mlp_outputs=bool(layout.mlp_points),
         )  # fmt: skip
 
     band = None if cost(None).partial <= memory.FULL_AUTO_LIMIT else DEFAULT_MAX_SPAN

@@ -91,15 +91,19 @@ def stats_memory(
     cka: bool = True,
     holdout: bool = False,
     workers: int = 2,
-    mlp_pairs: int = 0,
+    mlp_outputs: bool = False,
 ) -> StatsMemory:
     """The memory of a ``stats`` pass over ``len(widths)`` points of ``tokens`` token vectors
     per sample, read ``shard_samples`` samples at a time (``itemsize`` bytes per stored value),
-    keeping the pairs at most ``band`` apart (None: every pair). ``mlp_pairs``: the pairs of
-    stored MLP outputs kept besides (``fold_pairs``; their L points are read too)."""
+    keeping the pairs at most ``band`` apart (None: every pair). ``mlp_outputs``: the pairs of
+    the stored MLP outputs are kept besides (``fold_pairs``; their L points are read too)."""
     k, p, wide = len(widths), int(sum(widths)), int(max(widths))
-    if mlp_pairs and cka:
+    mlp_pairs = 0
+    if mlp_outputs and cka:
+        from rba_store.stats.moments import fold_pairs
+
         p += (k - 1) * wide
+        mlp_pairs = len(fold_pairs(k, band))
     rows = shard_samples * tokens
     pairs = n_band_pairs(k, band) + mlp_pairs if cka else 0
     sets = 2 if holdout else 1

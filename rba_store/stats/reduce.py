@@ -23,7 +23,7 @@ from rba_store.dask_compute import compute, concurrency, tree_reduce
 from rba_store.errors import UsageError
 from rba_store.solve._backend import get_xp
 from rba_store.stats import memory
-from rba_store.stats.moments import Pair, PairMoments, band_pairs, fold_pairs, hsic_of
+from rba_store.stats.moments import Pair, PairMoments, band_pairs, hsic_of
 from rba_store.stats.partials import BlockPartials, pair_moments_of_chunk, split_chunk_partials
 from rba_store.stats.result import BlockStats
 from rba_store.store import SampleSelection, Store
@@ -215,7 +215,7 @@ def plan_stats(
             cka=with_cka and cka,
             holdout=holdout,
             workers=workers,
-            mlp_pairs=len(fold_pairs(k, band)) if store.holds_mlp_outputs else 0,
+            mlp_outputs=store.holds_mlp_outputs,
         )
 
     band: int | None = None if max_span >= k - 1 else max_span

@@ -142,10 +142,6 @@ class StoreLayout:
         """The array of joint point ``k`` (see :attr:`all_points`)."""
         return h_name(k) if k <= self.n_blocks else m_name(k - self.n_blocks)
 
-    def mlp_index(self, block: int) -> int:
-        """The joint index of block ``block``'s MLP output."""
-        return self.n_blocks + block
-
     @property
     def n_shards(self) -> int:
         return math.ceil(self.n_samples / self.shard_samples)
