@@ -56,7 +56,7 @@ def test_plan_samples_that_are_not_there(
     )
     assert code == 0 and not out.exists()
     assert "100,000 planned (--plan-samples); the data holds 1,077" in stdout
-    assert "h0..h12 of 100,000 x 17 tokens x 64 channels" in stdout
+    assert "h0..h12: 100,000 x 17 tokens x 64 channels" in stdout
     assert "ratio 1." in stdout and "measured on the first" in stdout  # not "10-20 %"
     assert " MB" not in stdout and "MiB" in stdout  # binary units, named as such
     assert "free disk" in stdout and "peak about" in stdout and "nothing was written" in stdout

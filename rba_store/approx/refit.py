@@ -62,7 +62,7 @@ def refit_maps(
             totals[a] = totals[a].merge(ne) if a in totals else ne
     maps = {}
     for a, bs in targets.items():
-        width = store.layout.points[a].n_channels
+        width = store.layout.point(a).n_channels
         for i, b in enumerate(bs):
             solution = solve(totals[a].select_outputs(i * width, (i + 1) * width))
             maps[(a, b)] = (SpanMap((a, b), solution.t, solution.bias), solution)

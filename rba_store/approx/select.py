@@ -29,6 +29,7 @@ from rba_store.approx.validation import Score, validation_for
 from rba_store.errors import UsageError
 from rba_store.solve import Solution
 from rba_store.store import FITS, Store
+from rba_store.store.layout import points_text
 
 Span = tuple[int, int]
 MAP_KINDS = ("linear", "identity", "both")
@@ -118,9 +119,17 @@ class Selection:
 
 def candidate_spans(store: Store, options: SelectOptions) -> list[Span]:
     """Every span of up to ``max_span`` blocks, or the best ``candidates`` by the statistics."""
-    n = store.layout.n_blocks
-    if options.candidates is None:
-        return [(a, a + k) for k in range(1, options.max_span + 1) for a in range(n - k + 1)]
+    n, stored = store.layout.n_blocks, set(store.layout.stored_blocks)
+    if options.candidates is None:  # extract --points: the spans between stored points
+        spans = [(a, a + k) for k in range(1, options.max_span + 1) for a in range(n - k + 1)]
+        spans = [(a, b) for a, b in spans if a in stored and b in stored]
+        if not spans:
+            raise UsageError(
+                f"no span of at most --max-span {options.max_span} blocks joins two points "
+                f"{str(store)!r} keeps ({points_text(store.layout.stored_blocks)}, extracted "
+                "with --points); pass a larger --max-span"
+            )
+        return spans
     if options.candidates_by == "modularity":  # the spans whose gain in Q is lowest
         from rba_store.readings import modularity_spans
 

@@ -11,6 +11,7 @@ import numpy as np
 from rba_store.approx.evaluate import Variant, fit_variant, identity_variant
 from rba_store.errors import UsageError
 from rba_store.store import FITS, STATS, Store
+from rba_store.store.layout import points_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,17 +42,28 @@ def sweep_spans(
                 f"--name {stats_name}' first, or leave --stats out"
             )
         stats = BlockStats.from_dataset(saved)
+    # A row of the statistics is one block, or with extract --points the span between two
+    # consecutive stored points: rows are removed whole, and counted by their blocks.
     order = [int(b) + 1 for b in np.argsort(stats.relative_change, kind="stable")]
-    k_max = min(max_blocks or stats.n_blocks - 1, stats.n_blocks - 1)
     steps = []
-    for k in range(1, k_max + 1):
+    for k in range(1, stats.n_blocks):
         spans: list[Span] = []
-        for block in sorted(order[:k]):
-            if spans and spans[-1][1] == block - 1:
-                spans[-1] = (spans[-1][0], block)
+        for a, b in sorted(stats.step_span(row) for row in order[:k]):
+            if spans and spans[-1][1] == a:
+                spans[-1] = (spans[-1][0], b)
             else:
-                spans.append((block - 1, block))
-        steps.append((k, spans))
+                spans.append((a, b))
+        removed = sum(b - a for a, b in spans)
+        if max_blocks is not None and removed > max_blocks:
+            break
+        steps.append((removed, spans))
+    if not steps and max_blocks is not None and stats.n_blocks > 1:
+        fewest = min(b - a for a, b in map(stats.step_span, range(1, stats.n_blocks + 1)))
+        raise UsageError(
+            f"--max-blocks {max_blocks} removes nothing: the store keeps "
+            f"{points_text(stats.labels)} (extract --points), and the shortest span "
+            f"between them has {fewest} blocks; pass --max-blocks {fewest} or more"
+        )
     return steps
 
 

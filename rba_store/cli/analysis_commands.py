@@ -146,7 +146,13 @@ def stats(
         return
     saved = "reused the saved" if reused else "saved as"
     typer.echo(
-        f"{store}: {result.n_blocks} blocks, {result.n_samples} samples, "
+        f"{store}: "
+        + (
+            f"{result.n_blocks} spans between {len(result.labels)} stored points"
+            if result.some_points
+            else f"{result.n_blocks} blocks"
+        )
+        + f", {result.n_samples} samples, "
         f"{result.n_rows} token vectors (tokens={chosen_tokens}); {saved} "
         f"stats/{result.attrs.get('name')}\n"
     )
@@ -349,6 +355,11 @@ def fit(
     if as_json:
         typer.echo(json.dumps([f.to_json() for f in fits], indent=2))
         return
+    if opened.layout.some_points:
+        typer.echo(
+            f"the store keeps {opened.layout.points_label()} (extract --points): spans between "
+            "stored points only"
+        )
     typer.echo("\n".join(_format_fit(f) for f in fits))
     for path in exported:
         typer.echo(f"exported {path}")

@@ -45,11 +45,11 @@ def dry_run_report(plan: Any, out: Path, plan_samples: int | None) -> str:
     if plan.description["data"].get("source") == "folder":
         counted += f"; {kind} counted, not decoded (the run refuses or skips unreadable ones)"
     arrays = (
-        f"  arrays      h0..h{layout.n_blocks}"
+        f"  arrays      {layout.points_label()}"
         + (f" and m1..m{layout.n_blocks} (MLP outputs)" if layout.mlp_points else "")
-        + f" of {shape}, {layout.dtype}, tokens={options.tokens}"
+        + f": {shape}, {layout.dtype}, tokens={options.tokens}"
         if options.store_activations
-        else f"  arrays      none of h0..h{layout.n_blocks} ({shape}): --no-activations keeps "
+        else f"  arrays      none of {layout.points_label()} ({shape}): --no-activations keeps "
         "only the statistics, features, labels and ids"
     )
     if not options.store_activations:

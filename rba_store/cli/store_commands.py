@@ -120,6 +120,15 @@ def extract(
             "keeps their joint moments, so 'fit --fold' solves from them (--from moments).",
         ),
     ] = False,
+    points: Annotated[
+        str | None,
+        typer.Option(
+            help="Store only these capture points, e.g. 0,4,8,12 (h0, h4, ...; -1: the last): "
+            "fits and statistics then cover spans between them.",
+            metavar="LIST",
+            show_default=False,
+        ),
+    ] = None,
     holdout: Annotated[
         float | None,
         typer.Option(
@@ -192,6 +201,7 @@ def extract(
         seq_len=seq_len,
         checkpoint_every=checkpoint_every,
         mlp_outputs=mlp_outputs,
+        points=points,
     )
     if plan_samples is not None and (not dry_run or plan_samples < 1):
         raise UsageError(
@@ -262,7 +272,7 @@ def extract(
         _warn_random_weights(plan)
     ratio = info["compression_ratio"]
     stored = (
-        f"h0..h{layout.n_blocks}"
+        layout.points_label()
         + (f" and m1..m{layout.n_blocks}" if layout.mlp_points else "")
         + f": {shape}, {layout.dtype}; stored "
         if not no_activations

@@ -31,6 +31,16 @@ class Captured:
     features: torch.Tensor
     source_shapes: list[tuple[int, ...]]
 
+    def kept(self, blocks: tuple[int, ...]) -> Captured:
+        """Only the points ``h_k`` for k in ``blocks`` (``extract --points``); all when empty."""
+        if not blocks:
+            return self
+        return Captured(
+            [self.points[k] for k in blocks],
+            self.features,
+            [self.source_shapes[k] for k in blocks],
+        )
+
 
 def _to_nlc(x: Any, nhwc: bool) -> torch.Tensor:
     if isinstance(x, tuple | list):
@@ -106,6 +116,7 @@ class ActivationCapture:
         self.method = "forward_intermediates" if _supports_prefix_intermediates(model) else "hooks"
         self._nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
         self.name, self.mlp_outputs = loaded.name, mlp_outputs
+        self.keep: tuple[int, ...] = ()  # extract --points: the h_k returned (empty: all)
         if mlp_outputs:  # refused now, before any work, where blocks have no MLP output
             for handle in mlp_output_hooks(model, loaded.name, {}, 0):
                 handle.remove()
@@ -139,7 +150,7 @@ class ActivationCapture:
         points = [_to_nlc(r, self._nhwc) for r in raw]
         if self.tokens == "cls":
             points = [p[:, :1] for p in points]
-        return Captured(points=points, features=features.flatten(1), source_shapes=source_shapes)
+        return Captured(points, features.flatten(1), source_shapes).kept(self.keep)
 
     @staticmethod
     def _pre_hook(store: dict[int, Any]) -> Any:
@@ -178,6 +189,7 @@ class DecoderCapture:
         self.model, self.tokens = loaded.module, tokens
         _, self.layers, self.norm = decoder_parts(self.model)
         self.name, self.mlp_outputs = loaded.name, mlp_outputs
+        self.keep: tuple[int, ...] = ()  # extract --points: the h_k returned (empty: all)
         if mlp_outputs:  # refused now, before any work, where layers have no MLP output
             for handle in mlp_output_hooks(self.model, loaded.name, {}, 0):
                 handle.remove()
@@ -204,7 +216,7 @@ class DecoderCapture:
         features = self.norm(points[n_points - 1][:, -1:]).flatten(1)
         if self.tokens == "last":
             points = [p[:, -1:] for p in points]
-        return Captured(points, features, [tuple(p.shape[1:]) for p in points])
+        return Captured(points, features, [tuple(p.shape[1:]) for p in points]).kept(self.keep)
 
     @staticmethod
     def _hook(store: dict[int, Any], idx: int) -> Any:

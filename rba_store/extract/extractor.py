@@ -154,8 +154,8 @@ def shard_buffer(plan: ExtractionPlan, shard_idx: int) -> dict[str, np.ndarray]:
     rows = stop - start
     dtype = storage_dtype(layout.dtype)
     buffer = {
-        layout.array_name(k): np.empty((rows, p.n_tokens, p.n_channels), dtype)
-        for k, p in enumerate(layout.all_points)
+        name: np.empty((rows, p.n_tokens, p.n_channels), dtype)
+        for name, p in zip(layout.array_names, layout.all_points, strict=True)
     }
     buffer[FEATURES] = np.empty((rows, layout.n_features), storage_dtype(layout.dtype))
     buffer[LABEL] = plan.source.labels[start:stop]
@@ -238,8 +238,7 @@ def run_extraction(
                 offset = start - plan.layout.shard_rows(shard_idx)[0]
                 rows = slice(offset, offset + stop - start)
                 dtype = plan.layout.dtype
-                for k, point in enumerate(captured.points):
-                    name = plan.layout.array_name(k)
+                for name, point in zip(plan.layout.array_names, captured.points, strict=True):
                     buffer[name][rows] = encode_values(point.cpu().float().numpy(), dtype)
                 features = captured.features.cpu().float().numpy()
                 buffer[FEATURES][rows] = encode_values(features, dtype)
@@ -254,8 +253,7 @@ def run_extraction(
                     if streamed is not None:
                         streamed.fold(shard_idx, buffer)
                     if not activations:
-                        n_arrays = len(plan.layout.all_points)
-                        points = {plan.layout.array_name(k) for k in range(n_arrays)}
+                        points = set(plan.layout.array_names)
                         buffer = {k: v for k, v in buffer.items() if k not in points}
                     writer.submit(shard_idx, buffer)
                     buffer = None

@@ -28,6 +28,7 @@ from rba_store.store import (
     normalize,
     plan_layout,
 )
+from rba_store.store.points import parse_points
 from rba_store.store.selection import split_holdout
 
 DEFAULT_DATA = "digits"
@@ -63,6 +64,7 @@ class ExtractOptions:
     seq_len: int | None = None  # language models: tokens per window (default: min(256, context))
     checkpoint_every: float = 60.0  # with stats: seconds between saves of this worker's partials
     mlp_outputs: bool = False  # also capture m1 .. mL, each block's MLP output (folded fits)
+    points: str | None = None  # --points 0,4,8,12: store only these h_k (None: every one)
 
 
 @dataclass
@@ -110,6 +112,19 @@ def capture_tokens(tokens: str) -> str:
     return "all" if random_tokens(tokens) is not None else tokens
 
 
+def stored_points(text: str | None, n_blocks: int, model: str) -> tuple[int, ...]:
+    """The ``h_k`` that ``--points`` keeps (empty: every one); at least two, to span a block."""
+    if text is None:
+        return ()
+    blocks = parse_points(text, n_blocks + 1, f"{model!r}")
+    if len(blocks) < 2:
+        raise UsageError(
+            f"--points {text!r} keeps {len(blocks)} point; fits and statistics need at least "
+            "two (a span (a, b] maps h_a to h_b): pass e.g. 0,4,8,12"
+        )
+    return () if len(blocks) == n_blocks + 1 else tuple(blocks)
+
+
 def _check_options(options: ExtractOptions) -> None:
     if options.tokens not in ("all", "cls", "last") and random_tokens(options.tokens) is None:
         raise UsageError(
@@ -117,6 +132,11 @@ def _check_options(options: ExtractOptions) -> None:
         )
     if not options.store_activations and not options.stats:
         raise UsageError("--no-activations keeps only the statistics: add --stats")
+    if options.points is not None and options.mlp_outputs:
+        raise UsageError(
+            "--points stores some of h0..hL, --mlp-outputs every block's MLP output (folded "
+            "fits need h_a, h_b and m_a of every span): pass one of them"
+        )
     if options.stats_holdout is not None and not options.stats:
         raise UsageError("--holdout splits the statistics computed during the pass: add --stats")
     if options.batch_size < 1:
@@ -239,6 +259,11 @@ def _finish_plan(
 ) -> ExtractionPlan:
     """Probe the shapes on one sample, plan the layout and write the description."""
     probe = capture(source.load(0, 1, preprocess).to(options.device))
+    n_captured = len(probe.points)  # h0..hL, then m1..mL with --mlp-outputs
+    n_blocks = (n_captured - 1) // 2 if options.mlp_outputs else n_captured - 1
+    blocks = stored_points(options.points, n_blocks, loaded.name)
+    capture.keep = blocks
+    probe = probe.kept(blocks)
     k = random_tokens(options.tokens)
     sampler = None
     if k is not None:
@@ -264,6 +289,8 @@ def _finish_plan(
         sample_ids=source.sample_ids,
         seq_len=seq_len,
         mlp_points=points[n_h:],
+        point_blocks=blocks,
+        model_blocks=n_blocks,
     )
     if options.stats:  # refuse a fraction that leaves nothing to fit before any work
         split_holdout(np.arange(layout.n_samples), options.stats_holdout)

@@ -85,7 +85,6 @@ class StreamedStats:
     ) -> None:
         self.layout = store.layout
         self.n_points = len(self.layout.points)
-        self.n_arrays = len(self.layout.all_points)  # with the MLP outputs m1..mL, if stored
         self.holdout, self.holdout_seed = holdout, holdout_seed
         self.held = split_holdout(np.arange(self.layout.n_samples), holdout, holdout_seed)[1]
         self.band = streamed_band(self.layout, len(self.held) > 0)
@@ -113,7 +112,7 @@ class StreamedStats:
             return
         dtype = self.layout.dtype
         self._folding = True  # a Ctrl-C now must not save half-added partials
-        names = [self.layout.array_name(k) for k in range(self.n_arrays)]
+        names = self.layout.array_names
         self._add(shard_idx, [decode_values(buffer[name], dtype) for name in names])
         self._folding = False
         if time.monotonic() - self.saved_at >= self.checkpoint_every:
@@ -144,7 +143,7 @@ class StreamedStats:
             return None  # another worker has not saved them yet: it merges when it finishes
         for shard in missing:  # written by a run without --stats: read back from the store
             start, stop = layout.shard_rows(shard)
-            self._add(shard, store.read_points(list(range(self.n_arrays)), start, stop))
+            self._add(shard, store.read_points(list(layout.stored_indices), start, stop))
         assert self.partials is not None
         tokens = store.description["tokens"]
         selection = SampleSelection()

@@ -15,6 +15,7 @@ import numpy as np
 
 from rba_store.errors import DataSourceError, UsageError
 from rba_store.store import LABEL, SampleSelection, Store
+from rba_store.store.points import parse_points as parse_point_list
 from rba_store.store.selection import usable_samples
 
 TOKENS = ("cls", "mean")
@@ -44,35 +45,17 @@ def represent(chunk_ntc: Any, tokens: str) -> np.ndarray:
     return np.asarray(chunk_ntc, dtype=np.float64).mean(axis=1)
 
 
-def parse_points(text: str | None, n_points: int, store: Store | str) -> list[int]:
-    """Capture points from ``0,6,12`` (or ``h0,h6``; negatives count from the end); None: all.
-
-    A point that does not exist is refused with the valid range (timm's block-index semantics).
+def parse_points(text: str | None, store: Store) -> list[int]:
+    """Capture points from ``0,6,12`` (or ``h0,h6``; negatives count from the end); None: every
+    stored point. A point that does not exist, or that ``extract --points`` left out, is refused.
     """
+    layout = store.layout
     if text is None:
-        return list(range(n_points))
-    chosen: list[int] = []
-    for word in (w.strip() for w in text.split(",")):
-        if not word:
-            continue
-        try:
-            value = int(word[1:] if word.lower().startswith("h") else word)
-        except ValueError:
-            raise UsageError(
-                f"--points {text!r} is not a list of capture points; pass e.g. 0,6,12 or h0,h6"
-            ) from None
-        if not -n_points <= value < n_points:
-            raise UsageError(
-                f"capture point {word} does not exist in {str(store)!r}: it holds h0..h"
-                f"{n_points - 1} ({n_points - 1} blocks); pass 0..{n_points - 1} "
-                f"(or -{n_points}..-1 from the end)"
-            )
-        point = value % n_points
-        if point not in chosen:
-            chosen.append(point)
-    if not chosen:
-        raise UsageError("--points is empty; pass e.g. 0,6,12, or leave it out for every point")
-    return sorted(chosen)
+        return list(layout.stored_blocks)
+    chosen = parse_point_list(text, layout.n_blocks + 1, repr(str(store)))
+    for point in chosen:
+        layout.position(point)  # refuses one that is not stored
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -112,9 +95,9 @@ def selection_suffix(selection: SampleSelection) -> str:
     return ""
 
 
-def points_suffix(points: list[int], n_points: int) -> str:
-    """``-points0-6-12`` when only some capture points are read; nothing for all of them."""
-    if points == list(range(n_points)):
+def points_suffix(points: list[int], stored: tuple[int, ...]) -> str:
+    """``-points0-6-12`` when only some of the ``stored`` points are read; nothing for all."""
+    if tuple(points) == stored:
         return ""
     return "-points" + "-".join(str(p) for p in points)
 

@@ -363,14 +363,15 @@ def run_modularity(
     """
     selection = selection or SampleSelection()
     store = Store.coerce(store)
-    n_points = len(store.layout.points)
-    chosen = points if isinstance(points, list) else parse_points(points, n_points, store)
+    chosen = points if isinstance(points, list) else parse_points(points, store)
     check_reading_tokens(store, tokens)
     if k < 1:
         raise UsageError(f"--k {k} is invalid; pass a positive number of neighbours")
     if block_rows < 1:
         raise UsageError(f"block_rows {block_rows} is invalid; pass a positive number")
-    name = name or default_name(tokens, k, selection, points_suffix(chosen, n_points))
+    name = name or default_name(
+        tokens, k, selection, points_suffix(chosen, store.layout.stored_blocks)
+    )
     wanted = modularity_attrs(store, tokens, k, selection, chosen, allow_incomplete)
     saved = store.read_analysis(MODULARITY, name)
     if saved is not None and not overwrite:

@@ -357,15 +357,16 @@ def run_probe(
     """
     selection = selection or SampleSelection()
     store = Store.coerce(store)
-    n_points = len(store.layout.points)
-    chosen = points if isinstance(points, list) else parse_points(points, n_points, store)
+    chosen = points if isinstance(points, list) else parse_points(points, store)
     grid = fractions if isinstance(fractions, tuple) else parse_fractions(fractions)
     check_reading_tokens(store, tokens)
     check_grid(seeds, ridge, delta)
     get_xp(backend)  # refuses cupy without a GPU before any work
-    name = name or default_name(tokens, selection, points_suffix(chosen, n_points))
+    name = name or default_name(
+        tokens, selection, points_suffix(chosen, store.layout.stored_blocks)
+    )
     wanted = moment_attrs(store, tokens, selection, chosen, allow_incomplete)
-    widths = [store.layout.points[p].n_channels for p in chosen]
+    widths = [store.layout.point(p).n_channels for p in chosen]
     saved = store.read_analysis(PROBE, name) if not overwrite else None
     eval_source = eval_identity(store, eval_store)
     moments: list[Moments] | None = None

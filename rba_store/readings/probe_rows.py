@@ -134,7 +134,10 @@ def eval_store_rows(
             f"--eval-store {str(eval_path)!r} was extracted from other model weights than "
             f"{str(store)!r}; pass a store of the same model"
         )
-    if [p.n_channels for p in other.layout.points] != [p.n_channels for p in store.layout.points]:
+    held = set(other.layout.stored_blocks) >= set(points)
+    if not held or [other.layout.point(p).n_channels for p in points] != [
+        store.layout.point(p).n_channels for p in points
+    ]:
         raise UsageError(
             f"--eval-store {str(eval_path)!r} has other capture points than {str(store)!r}; "
             "pass a store of the same model"

@@ -80,7 +80,7 @@ def _eval_samples(
 def _check_rows(n_rows: int, spans: list[Span], layout: StoreLayout, options: FitOptions) -> None:
     """Refuse an underdetermined system (fewer rows than unknowns) unless ridge is asked for."""
     for a, _ in spans:
-        d_in = layout.points[a].n_channels
+        d_in = layout.point(a).n_channels
         needed = d_in + 1 if options.bias else d_in
         if n_rows < needed and not options.ridge:
             raise UsageError(
@@ -295,7 +295,7 @@ def _split_targets(
         ne = by_source[a].to_numpy()
         offset = 0
         for b in targets:
-            width = layout.points[b].n_channels
+            width = layout.point(b).n_channels
             out[(a, b)] = ne.select_outputs(offset, offset + width)
             offset += width
     return out

@@ -28,8 +28,10 @@ class SavedMoments:
 
     name: str
     ds: xr.Dataset
-    pairs: frozenset[tuple[int, int]]
+    pairs: frozenset[tuple[int, int]]  # by block index (h_a, h_b)
     mlp_pairs: frozenset[tuple[int, int]] = frozenset()  # with MLP outputs (fold_pairs)
+    # The block index k of each saved point (extract --points stores some h_k); empty: 0..L.
+    labels: tuple[int, ...] = ()
 
     @property
     def n_blocks(self) -> int:
@@ -74,18 +76,39 @@ class SavedMoments:
         """The joint moments of the rows to fit (``all_rows``: held-out rows merged in)."""
         from rba_store.stats.result import read_pair_moments
 
-        needed = self._needed(spans)
+        needed = self._saved(self._needed(spans))
         fit = read_pair_moments(self.ds, "moment", needed)
         held = read_pair_moments(self.ds, "heldout", needed) if all_rows else None
         assert fit is not None
-        return fit if held is None else fit.merge(held)
+        return relabelled(fit if held is None else fit.merge(held), self.labels)
 
     def heldout(self, spans: list[Span]) -> PairMoments:
         from rba_store.stats.result import read_pair_moments
 
-        held = read_pair_moments(self.ds, "heldout", self._needed(spans))
+        held = read_pair_moments(self.ds, "heldout", self._saved(self._needed(spans)))
         assert held is not None
-        return held
+        return relabelled(held, self.labels)
+
+    def _saved(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Pairs of block indices as the saved moments number them (stored points only)."""
+        if not self.labels:
+            return pairs
+        position = {k: i for i, k in enumerate(self.labels)}
+        return [(position[a], position[b]) for a, b in pairs]
+
+
+def relabelled(moments: PairMoments, labels: tuple[int, ...]) -> PairMoments:
+    """``moments`` of the stored points numbered by block index (``labels[i]``: the k of saved
+    point i); the points not stored are there with no columns. The identity when empty."""
+    from rba_store.stats.moments import PairMoments
+
+    if not labels:
+        return moments
+    widths = [0] * (max(labels) + 1)
+    for i, k in enumerate(labels):
+        widths[k] = moments.widths[i]
+    pairs = tuple((labels[a], labels[b]) for a, b in moments.pairs)
+    return PairMoments(moments.n, moments.mean, tuple(widths), pairs, moments.blocks)
 
 
 def folded_view(main: PairMoments, mlp: PairMoments, span: Span, n_blocks: int) -> PairMoments:
@@ -208,7 +231,11 @@ def saved_moments(
         pairs = saved_pairs(ds)
         if pairs is None:
             continue
-        found = SavedMoments(name, ds, frozenset(pairs), frozenset(saved_pairs(ds, True) or ()))
+        labels = tuple(int(k) for k in attrs.get("stored_points", ()))
+        if labels:
+            pairs = tuple((labels[a], labels[b]) for a, b in pairs)
+        mlp_pairs = frozenset(saved_pairs(ds, True) or ())
+        found = SavedMoments(name, ds, frozenset(pairs), mlp_pairs, labels)
         score = sum(found.covers(s, fold and s[0] >= 1) for s in spans or [])
         if best is None or score > best[0]:
             best = (score, found)

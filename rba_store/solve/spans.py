@@ -10,6 +10,7 @@ from typing import Any
 from rba_store.errors import UsageError
 from rba_store.solve.normal_eq import Solution
 from rba_store.store import SampleSelection, StoreLayout
+from rba_store.store.layout import points_text
 
 Span = tuple[int, int]
 _SPAN = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
@@ -33,10 +34,17 @@ def check_spans(spans: list[Span], layout: StoreLayout, store: str) -> None:
                 f"span {a}:{b} is out of range for {store!r} ({n_blocks} blocks): pass a:b with "
                 f"0 <= a < b <= {n_blocks}"
             )
-        if layout.points[a].n_tokens != layout.points[b].n_tokens:
+        missing = [k for k in (a, b) if k not in layout.stored_blocks]
+        if missing:
             raise UsageError(
-                f"span {a}:{b} maps h{a} ({layout.points[a].n_tokens} tokens) to h{b} "
-                f"({layout.points[b].n_tokens} tokens): a token-wise map needs equal token counts"
+                f"span {a}:{b} maps h{a} to h{b}, but {store!r} keeps only "
+                f"{points_text(layout.stored_blocks)} (extracted with --points): pass a span "
+                "between stored points"
+            )
+        if layout.point(a).n_tokens != layout.point(b).n_tokens:
+            raise UsageError(
+                f"span {a}:{b} maps h{a} ({layout.point(a).n_tokens} tokens) to h{b} "
+                f"({layout.point(b).n_tokens} tokens): a token-wise map needs equal token counts"
             )
 
 

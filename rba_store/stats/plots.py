@@ -41,7 +41,7 @@ def block_change_figure(stats: BlockStats, title: str = "") -> Figure:
     """BR per block (bars) and the scale-free change on a log axis with labelled ticks."""
     from matplotlib.figure import Figure
 
-    blocks = np.arange(1, stats.n_blocks + 1)
+    blocks = np.asarray(stats.labels[1:])  # extract --points: each span's last block
     tokens = stats.attrs.get("tokens", "all")
     fig = Figure(figsize=(11, 4))
     ax_br, ax_rel = fig.subplots(1, 2)
@@ -88,9 +88,9 @@ def cka_figure(stats: BlockStats, title: str = "") -> Figure | None:
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(cka), vmin=low, vmax=high, cmap=cmap, origin="lower")
-    points = np.arange(stats.n_blocks + 1)
-    ax.set_xticks(points, [f"h{k}" for k in points], rotation=90)
-    ax.set_yticks(points, [f"h{k}" for k in points])
+    points, names = np.arange(stats.n_blocks + 1), [f"h{k}" for k in stats.labels]
+    ax.set_xticks(points, names, rotation=90)
+    ax.set_yticks(points, names)
     ax.set(
         xlabel="h_k: residual stream after k blocks",
         ylabel="h_k",

@@ -87,8 +87,9 @@ def stats_graph(
     layout = store.layout
     n_h = len(layout.points)
     # With MLP outputs stored, the joint moments cover them too (folded fits read them).
-    mlp = list(range(n_h, len(layout.all_points))) if cka and store.holds_mlp_outputs else []
-    points = list(range(n_h)) + mlp
+    points = list(layout.stored_indices)
+    if not (cka and store.holds_mlp_outputs):
+        points = points[:n_h]
     held = indices[:0] if held is None else held
     task = dask.delayed(on_shard, pure=True)
     parts = [
@@ -116,7 +117,7 @@ def pairs_graph(
 ) -> tuple[Delayed, int]:
     """A further pass: the joint moments of ``pairs`` only, over the selected rows."""
     layout = store.layout
-    points = list(range(len(layout.points)))
+    points = list(layout.stored_blocks)
     task = dask.delayed(on_shard, pure=True)
     parts = [
         task(
@@ -159,7 +160,7 @@ class StatsPlan:
             )
         else:
             what = (
-                f"joint moments of the band (spans of at most {self.band} blocks): the fit of "
+                f"joint moments of the band (spans of at most {self.max_span} blocks): the fit of "
                 "every span in it, CKA "
                 + (
                     f"of the other {len(self.offband_pairs)} pairs in {self.n_passes - 1} "
@@ -218,7 +219,8 @@ def plan_stats(
             mlp_outputs=store.holds_mlp_outputs,
         )
 
-    band: int | None = None if max_span >= k - 1 else max_span
+    steps = layout_steps(layout.stored_blocks, max_span)  # max_span itself unless --points
+    band: int | None = None if steps >= k - 1 else steps
     offband: tuple[Pair, ...] = ()
     per_pass = 1
     available = memory.available_memory()
@@ -351,7 +353,7 @@ def stats_attrs(
     holdout_seed: int = 0,
 ) -> dict[str, object]:
     """What saved statistics record of the rows they cover (what reuse checks compare)."""
-    return {
+    attrs: dict[str, object] = {
         "kind": "block_stats",
         "store_fingerprint": store.fingerprint,
         "tokens": tokens,
@@ -360,3 +362,15 @@ def stats_attrs(
         "cka": cka,
         "holdout": describe_holdout(holdout, holdout_seed) if cka else None,
     }
+    if store.layout.some_points:  # extract --points: the statistics cover these h_k only
+        attrs["stored_points"] = list(store.layout.stored_blocks)
+    return attrs
+
+
+def layout_steps(blocks: tuple[int, ...], max_span: int) -> int:
+    """How many consecutive stored points the spans of at most ``max_span`` blocks cross: the
+    band (in points) that keeps all their joint moments; ``max_span`` when every point is
+    stored, at least 1."""
+    return max(
+        [1] + [sum(1 for b in blocks[i + 1 :] if b - a <= max_span) for i, a in enumerate(blocks)]
+    )

@@ -18,6 +18,7 @@ from rba_store.stats.moments import (
     point_columns,
 )
 from rba_store.stats.partials import BlockPartials
+from rba_store.store.layout import points_text
 
 # How saved statistics name the two sets of joint moments: the rows to fit, the held-out rows.
 MOMENT_SETS = ("moment", "heldout")
@@ -65,7 +66,24 @@ class BlockStats:
 
     @property
     def n_blocks(self) -> int:
+        """The number of steps between consecutive points (blocks, unless ``--points``)."""
         return len(self.br)
+
+    @property
+    def labels(self) -> list[int]:
+        """The block index k of each point ``h_k`` the statistics cover: 0..L, or the points
+        a store extracted with ``--points`` keeps (then "block" b is the span between
+        ``labels[b - 1]`` and ``labels[b]``)."""
+        return [int(k) for k in self.attrs.get("stored_points", range(len(self.norm)))]
+
+    @property
+    def some_points(self) -> bool:
+        return "stored_points" in self.attrs
+
+    def step_span(self, b: int) -> tuple[int, int]:
+        """Step ``b`` (1-based: the b-th row) as a span ``(a, b]`` of block indices."""
+        labels = self.labels
+        return labels[b - 1], labels[b]
 
     @classmethod
     def from_partials(
@@ -115,14 +133,12 @@ class BlockStats:
         The score of a span is the mean over samples of ‖h_b - h_a‖² / ‖h_a‖²: how much the
         blocks a+1..b together change the representation (lower = more redundant).
         """
-        k = self.n_blocks + 1
+        k, labels = self.n_blocks + 1, self.labels
         ranked = sorted(
-            (
-                (float(self.span_change[a, b]), a, b)
-                for a in range(k)
-                for b in range(a + 1, min(a + max_span, k - 1) + 1)
-                if np.isfinite(self.span_change[a, b])
-            ),
+            (float(self.span_change[i, j]), labels[i], labels[j])
+            for i in range(k)
+            for j in range(i + 1, k)
+            if labels[j] - labels[i] <= max_span and np.isfinite(self.span_change[i, j])
         )
         return [
             {"span": [a, b], "blocks": list(range(a + 1, b + 1)), "score": score}
@@ -136,7 +152,8 @@ class BlockStats:
         return {
             "blocks": [
                 {
-                    "block": b + 1,
+                    "block": self.labels[b + 1],
+                    "span": list(self.step_span(b + 1)),
                     "br": clean(self.br[b]),
                     "relative_change": clean(self.relative_change[b]),
                     "cosine": clean(self.cosine[b]),
@@ -153,8 +170,8 @@ class BlockStats:
         }
 
     def to_dataset(self) -> xr.Dataset:
-        blocks = np.arange(1, self.n_blocks + 1)
-        points = np.arange(self.n_blocks + 1)
+        points = np.asarray(self.labels, dtype=np.int64)
+        blocks = points[1:]  # each row's last block (extract --points: of its span)
         ds = xr.Dataset(
             {
                 "br": ("block", self.br),
@@ -212,13 +229,23 @@ class BlockStats:
     def format_table(self, max_span: int = 4, top: int = 10) -> str:
         """The human-readable report: a row per block, then the ranked candidate spans."""
         with_cka = bool(self.attrs.get("cka", True))  # --no-cka: no column of NaN
-        lines = [
-            f"{'block':>5}  {'BR':>12}  {'rel.change':>10}  {'cosine':>7}  "
+        lines = []
+        if self.some_points:
+            lines.append(
+                f"the store keeps {points_text(self.labels)} (extract --points): each row is the "
+                "span between two consecutive stored points, and candidates are spans between "
+                "stored points"
+            )
+        row = "span" if self.some_points else "block"
+        lines += [
+            f"{row:>5}  {'BR':>12}  {'rel.change':>10}  {'cosine':>7}  "
             f"{'|h_in|':>9}  {'|h_out|':>9}" + (f"  {'CKA(in,out)':>11}" if with_cka else "")
         ]
         for b in range(self.n_blocks):
+            a, z = self.step_span(b + 1)
+            row = f"{a}:{z}" if self.some_points else str(z)
             lines.append(
-                f"{b + 1:>5}  {self.br[b]:>12.5g}  {self.relative_change[b]:>10.4f}  "
+                f"{row:>5}  {self.br[b]:>12.5g}  {self.relative_change[b]:>10.4f}  "
                 f"{self.cosine[b]:>7.4f}  {self.norm[b]:>9.4g}  {self.norm[b + 1]:>9.4g}"
                 + (f"  {self.cka[b, b + 1]:>11.4f}" if with_cka else "")
             )

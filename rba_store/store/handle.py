@@ -116,12 +116,13 @@ class Store:
         comp = compressors(layout.codec, layout.clevel)
         h_dims, feature_dims = dims_of(layout)
         n, chunk, shard = layout.n_samples, layout.chunk_samples, layout.shard_samples
-        points = layout.all_points if description.get("activations") != NOT_STORED else ()
+        stored = description.get("activations") != NOT_STORED
+        points = zip(layout.array_names, layout.all_points, strict=True) if stored else ()
         bf16 = {DTYPE_ATTR: BFLOAT16} if layout.dtype == BFLOAT16 else {}
-        for k, point in enumerate(points):
+        for k, (name, point) in enumerate(points):
             shape = (n, point.n_tokens, point.n_channels)
             group.create_array(
-                layout.array_name(k),
+                name,
                 shape=shape,
                 chunks=(chunk, *shape[1:]),
                 shards=(shard, *shape[1:]),
@@ -267,8 +268,10 @@ class Store:
 
     def point(self, k: int) -> zarr.Array:
         """``h_k``: the residual stream after ``k`` blocks (``k > L``: block ``k - L``'s MLP
-        output, see :attr:`StoreLayout.all_points`)."""
+        output, see :meth:`StoreLayout.array_name`); refused when not stored."""
         self._require_activations()
+        if k <= self.layout.n_blocks:
+            self.layout.position(k)  # a clear error for a point extract --points left out
         return self.array(self.layout.array_name(k))
 
     @property
@@ -277,7 +280,7 @@ class Store:
         (an older store of that kind has them, unwritten, reading as zeros: not listed)."""
         if not self.holds_activations:
             return []
-        return [self.layout.array_name(k) for k in range(len(self.layout.all_points))]
+        return self.layout.array_names
 
     @property
     def holds_mlp_outputs(self) -> bool:

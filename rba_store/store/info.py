@@ -15,6 +15,7 @@ from rba_store.store.layout import (
     SAMPLE_ID,
     TOKEN_POSITIONS,
     WEIGHTS_PATH,
+    points_text,
 )
 from rba_store.store.selection import how_to_finish
 
@@ -59,6 +60,7 @@ def store_info(store: Store | str | Path) -> dict[str, Any]:
         "fingerprint": description["fingerprint"],
         "n_samples": layout.n_samples,
         "n_blocks": layout.n_blocks,
+        "stored_points": list(layout.stored_blocks),  # h_k stored (all unless extract --points)
         "tokens": description["tokens"],
         "dtype": layout.dtype,
         "codec": description["codec"],
@@ -116,7 +118,10 @@ def format_info(info: dict[str, Any]) -> str:
     """The human-readable form of :func:`store_info`."""
     model, data = info["model"], info["data"]
     weights = model["weights"]
-    h0 = info["arrays"].get("h0")
+    stored = info.get("stored_points") or list(range(info["n_blocks"] + 1))
+    h0 = info["arrays"].get(f"h{stored[0]}")
+    every = f"h0..h{info['n_blocks']}"
+    label = every if len(stored) == info["n_blocks"] + 1 else f"{points_text(stored)} of {every}"
     ratio = info["compression_ratio"]
     lines = [
         f"store      {info['path']} (format v{info['format_version']}, "
@@ -129,7 +134,7 @@ def format_info(info: dict[str, Any]) -> str:
         + f" samples={info['n_samples']}"
         + (f" (limit {data['limit']})" if data.get("limit") else ""),
         (
-            f"arrays     h0..h{info['n_blocks']}"
+            f"arrays     {label}"
             + (f" and m1..m{info['n_blocks']} (MLP outputs)" if "m1" in info["arrays"] else "")
             + f" {tuple(h0['shape'])} {h0['dims']} "
             f"{info['dtype']}, tokens={info['tokens']}; "

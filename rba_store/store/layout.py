@@ -4,7 +4,8 @@ With :mod:`rba_store.store.analyses` (the ``stats/`` and ``fits/`` groups), this
 that knows the store's array paths and attribute keys (``docs/STORE.md`` says it in prose). A
 store is one Zarr v3 group:
 
-- ``h0`` … ``hL``: the residual stream after k blocks, dims ``("sample", "token", "channel")``;
+- ``h0`` … ``hL``: the residual stream after k blocks, dims ``("sample", "token", "channel")``
+  (``extract --points``: only some of them, the layout's ``point_blocks``);
 - ``m1`` … ``mL`` (``extract --mlp-outputs`` only): block k's MLP output (after its LayerScale),
   the same dims; ``h_k = r_k + m_k`` (what folded maps are fitted on);
 - ``features`` (``"sample", "channel"``), ``label`` (``"sample"``, int64) and ``sample_id``
@@ -127,10 +128,56 @@ class StoreLayout:
     seq_len: int | None = None
     # ``extract --mlp-outputs``: m1 .. mL, each block's MLP output (empty: not stored).
     mlp_points: tuple[CapturePoint, ...] = ()
+    # ``extract --points``: the block index k of each stored ``h_k``, ``points`` in the same
+    # order (empty: every point h0 .. hL is stored).
+    point_blocks: tuple[int, ...] = ()
+    model_blocks: int | None = None  # the model's L when only some points are stored
 
     @property
     def n_blocks(self) -> int:
-        return len(self.points) - 1
+        """The model's number of blocks L (whatever points are stored)."""
+        return self.model_blocks if self.model_blocks is not None else len(self.points) - 1
+
+    @property
+    def stored_blocks(self) -> tuple[int, ...]:
+        """The k of every stored ``h_k``, ascending: ``0 .. L`` unless ``extract --points``."""
+        return self.point_blocks or tuple(range(len(self.points)))
+
+    @property
+    def some_points(self) -> bool:
+        """True when only some of h0 .. hL are stored (``extract --points``)."""
+        return len(self.points) != self.n_blocks + 1
+
+    def point(self, k: int) -> CapturePoint:
+        """The shape of ``h_k`` (``k``: a block index; the point must be stored)."""
+        return self.points[self.position(k)]
+
+    def position(self, k: int) -> int:
+        """Where ``h_k`` is among the stored points (what statistics index by)."""
+        try:
+            return self.stored_blocks.index(k)
+        except ValueError:
+            raise UsageError(
+                f"h{k} is not stored: this store keeps {points_text(self.stored_blocks)} "
+                f"(extract --points); use those points, or extract again with h{k}"
+            ) from None
+
+    def points_label(self) -> str:
+        """``h0..h12``, or with ``extract --points`` the stored ones: ``h0, h4, h12 of h0..h12``."""
+        every = f"h0..h{self.n_blocks}"
+        return f"{points_text(self.stored_blocks)} of {every}" if self.some_points else every
+
+    @property
+    def stored_indices(self) -> tuple[int, ...]:
+        """The joint index (see :meth:`array_name`) of every stored array, in
+        :attr:`all_points` order."""
+        first_mlp = self.n_blocks + 1
+        return self.stored_blocks + tuple(range(first_mlp, first_mlp + len(self.mlp_points)))
+
+    @property
+    def array_names(self) -> list[str]:
+        """The name of every stored activation array, in :attr:`all_points` order."""
+        return [self.array_name(k) for k in self.stored_indices]
 
     @property
     def all_points(self) -> tuple[CapturePoint, ...]:
@@ -139,7 +186,7 @@ class StoreLayout:
         return self.points + self.mlp_points
 
     def array_name(self, k: int) -> str:
-        """The array of joint point ``k`` (see :attr:`all_points`)."""
+        """The array of joint point ``k``: ``h_k`` for ``k <= L``, else ``m_{k - L}``."""
         return h_name(k) if k <= self.n_blocks else m_name(k - self.n_blocks)
 
     @property
@@ -175,6 +222,8 @@ class StoreLayout:
             attrs["seq_len"] = self.seq_len
         if self.mlp_points:  # absent unless extracted with --mlp-outputs
             attrs["mlp_points"] = [asdict(p) for p in self.mlp_points]
+        if self.point_blocks:  # absent unless extracted with --points
+            attrs["point_blocks"] = list(self.point_blocks)
         return attrs
 
     @classmethod
@@ -198,7 +247,14 @@ class StoreLayout:
             sample_id_bytes=attrs.get("sample_id_bytes"),
             seq_len=attrs.get("seq_len"),
             mlp_points=capture_points("mlp_points"),
+            point_blocks=tuple(attrs.get("point_blocks", ())),
+            model_blocks=attrs["n_blocks"] if "point_blocks" in attrs else None,
         )
+
+
+def points_text(blocks: Sequence[int]) -> str:
+    """``h0, h4, h8, h12``: the stored points, for messages."""
+    return ", ".join(f"h{k}" for k in blocks)
 
 
 def plan_layout(
@@ -216,6 +272,8 @@ def plan_layout(
     sample_ids: Sequence[str] | None = None,
     seq_len: int | None = None,
     mlp_points: Sequence[CapturePoint] = (),
+    point_blocks: Sequence[int] = (),
+    model_blocks: int | None = None,
 ) -> StoreLayout:
     """Choose chunk and shard sizes: chunks of about ``chunk_mb``, shards of whole chunks.
 
@@ -263,6 +321,8 @@ def plan_layout(
         else sample_id_width(sample_ids),
         seq_len=seq_len,
         mlp_points=tuple(mlp_points),
+        point_blocks=tuple(point_blocks),
+        model_blocks=model_blocks if point_blocks else None,
     )
 
 
@@ -320,7 +380,7 @@ def dims_of(layout: StoreLayout) -> tuple[list[tuple[str, str, str]], tuple[str,
     arrays sharing a dimension name to agree on its length.
     """
     shared = len({(p.n_tokens, p.n_channels) for p in layout.all_points}) == 1
-    names = [layout.array_name(k) for k in range(len(layout.all_points))]
+    names = layout.array_names
     h_dims = [
         (SAMPLE_DIM, "token", "channel")
         if shared
