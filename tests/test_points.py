@@ -143,3 +143,14 @@ def test_bad_point_lists_are_refused(
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_saved_statistics_answer_spans_counted_in_blocks() -> None:
+    from rba_store.stats import covers
+    from rba_store.stats.reduce import layout_steps
+
+    assert layout_steps(POINTS, 4) == 1 and layout_steps(POINTS, 7) == 2
+    assert layout_steps(tuple(range(13)), 4) == 4  # every point stored: max_span itself
+    attrs = {"cka": True, "moment_band": 1, "stored_points": list(POINTS)}
+    assert covers(attrs, 5, "auto")  # 0:3, 3:7 and 7:12 are each one stored step
+    assert not covers(attrs, 7, "auto")  # 0:7 crosses two

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rba_store.errors import UsageError
-from rba_store.stats.reduce import StatsPlan, compute_block_stats, plan_stats, stats_attrs
+from rba_store.stats.reduce import (
+    StatsPlan,
+    compute_block_stats,
+    layout_steps,
+    plan_stats,
+    stats_attrs,
+)
 from rba_store.stats.result import BlockStats
 from rba_store.store import STATS, SampleSelection, Store, analyses, normalize
 from rba_store.store.selection import check_tokens, split_holdout, usable_samples
@@ -58,7 +64,9 @@ def covers(attrs: dict, max_span: int, cka_pairs: str) -> bool:
     if not attrs.get("cka", True):
         return True
     band = attrs.get("moment_band")  # absent (saved before the band) or None: every pair
-    return (band is None or band >= max_span) and (
+    stored = attrs.get("stored_points")  # extract --points: the band counts stored points
+    needed = max_span if stored is None else layout_steps(tuple(stored), max_span)
+    return (band is None or band >= needed) and (
         cka_pairs != "all" or attrs.get("cka_pairs", "all") == "all"
     )
 
