@@ -154,3 +154,13 @@ def test_saved_statistics_answer_spans_counted_in_blocks() -> None:
     attrs = {"cka": True, "moment_band": 1, "stored_points": list(POINTS)}
     assert covers(attrs, 5, "auto")  # 0:3, 3:7 and 7:12 are each one stored step
     assert not covers(attrs, 7, "auto")  # 0:7 crosses two
+
+
+def test_readings_default_to_the_stored_points(stores: tuple[Path, Path]) -> None:
+    from rba_store.readings import run_modularity
+
+    path, _ = stores
+    curve, _ = run_modularity(path, save=False)
+    assert list(curve.points) == list(POINTS)
+    with pytest.raises(UsageError, match="h5 is not stored"):
+        run_modularity(path, points="0,5", save=False)
