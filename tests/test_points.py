@@ -126,6 +126,18 @@ def test_statistics_during_extraction_solve_the_same_maps(
     np.testing.assert_allclose(load_fit(out, "m")["T"].values, expected, rtol=0, atol=1e-9)
 
 
+def test_the_extract_summary_names_the_stored_points_in_binary_units(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "s.zarr"
+    code, stdout, _ = run_cli(
+        capsys, "extract", "--limit", "40", "--points", "0,6,12", "--out", out
+    )
+    assert code == 0
+    assert "h0, h6, h12 of h0..h12: 40 x 17 tokens x 64 channels" in stdout
+    assert " MiB of " in stdout and " MB" not in stdout  # as info and --dry-run say sizes
+
+
 @pytest.mark.parametrize(
     ("points", "extra", "message"),
     [

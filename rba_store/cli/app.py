@@ -215,7 +215,3 @@ def check_output_file(path: Path | None, flag: str) -> None:
         )
     if not os.access(parent, os.W_OK):
         raise OSError(errno.EACCES, "Permission denied", str(parent))
-
-
-def mb(n: float) -> str:
-    return f"{n / 2**20:,.1f} MB"

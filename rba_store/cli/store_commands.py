@@ -16,7 +16,6 @@ from rba_store.cli.app import (
     JsonOpt,
     StoreArg,
     app,
-    mb,
 )
 from rba_store.cli.dry_run_report import dry_run_report, note_limit
 from rba_store.cli.progress import ProgressBar
@@ -245,7 +244,7 @@ def extract(
             + (", the statistics of the shards folded so far saved" if stats else "")
             + "; re-run the same command to resume"
         ) from None
-    from rba_store.store.info import store_info
+    from rba_store.store.info import size_text, store_info
 
     info = store_info(out)
     rate = result.samples_written / result.seconds if result.seconds > 0 else 0.0
@@ -277,11 +276,11 @@ def extract(
         + f": {shape}, {layout.dtype}; stored "
         if not no_activations
         else f"no activations stored (--no-activations): statistics only, saved analyses "
-        f"{mb(info['bytes_analyses'])}; features, labels and ids: stored "
+        f"{size_text(info['bytes_analyses'])}; features, labels and ids: stored "
     )
     lines = [
         head,
-        f"  {stored}{mb(info['bytes_stored'])} of {mb(info['bytes_raw'])} raw"
+        f"  {stored}{size_text(info['bytes_stored'])} of {size_text(info['bytes_raw'])} raw"
         + (f" (ratio {ratio:.3f})" if ratio else ""),
     ]
     skipped = plan.description["data"].get("skipped_unreadable") or []

@@ -109,7 +109,7 @@ def _bytes_on_disk(root: Path) -> int:
     return total
 
 
-def _mb(n: int) -> str:
+def size_text(n: float) -> str:
     """Bytes in binary units (MiB, GiB)."""
     return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
@@ -145,11 +145,11 @@ def format_info(info: dict[str, Any]) -> str:
         + f"features {tuple(info['arrays']['features']['shape'])}",
         f"chunks     {info['chunk_samples']} samples/chunk, {info['shard_samples']} samples/shard, "
         f"codec {info['codec']['name']} (level {info['codec']['clevel']})",
-        f"size       {_mb(info['bytes_on_disk'])} on disk in all: activations and features "
-        f"{_mb(info['bytes_stored'])} stored of {_mb(info['bytes_raw'])} raw"
+        f"size       {size_text(info['bytes_on_disk'])} on disk in all: activations and features "
+        f"{size_text(info['bytes_stored'])} stored of {size_text(info['bytes_raw'])} raw"
         + (f" (ratio {ratio:.3f})" if ratio else "")
-        + f", saved analyses {_mb(info['bytes_analyses'])}"
-        + (f", kept weights {_mb(info['bytes_weights'])}" if info["bytes_weights"] else "")
+        + f", saved analyses {size_text(info['bytes_analyses'])}"
+        + (f", kept weights {size_text(info['bytes_weights'])}" if info["bytes_weights"] else "")
         + ", labels, ids, ledger and metadata the rest",
         f"complete   {'yes' if info['complete'] else 'NO'}: {info['shards_complete']}/"
         f"{info['n_shards']} shards, {info['samples_complete']}/{info['n_samples']} samples",
