@@ -239,3 +239,18 @@ def test_holdout_fit_on_a_cluster_sends_no_large_graph(tmp_path: Path) -> None:
         assert b.diagnostics["heldout"]["r2"] == pytest.approx(
             a.diagnostics["heldout"]["r2"], rel=1e-10
         )
+
+
+def test_a_real_run_warns_when_the_activations_exceed_the_free_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rba_store.extract.dry_run as dry_run
+
+    monkeypatch.setattr(dry_run, "free_disk", lambda out: (2**20, tmp_path))
+    out = tmp_path / "s.zarr"
+    code, _, stderr = run_cli(capsys, "extract", "--limit", "40", "--out", out)
+    assert code == 0 and out.exists()  # a warning: the run goes on, and resumes if it fails
+    raw = 40 * 13 * 17 * 64 * 4  # 40 samples of h0..h12, 17 tokens x 64 channels, float32
+    assert f"take {raw / 2**20:.1f} MiB uncompressed and 1.0 MiB is free at" in stderr
+    code, _, stderr = run_cli(capsys, "extract", "--limit", "40", "--out", out)
+    assert code == 0 and "uncompressed" not in stderr  # nothing left to write

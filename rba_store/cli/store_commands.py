@@ -233,6 +233,8 @@ def extract(
             for i, (a, b) in ((s, layout.shard_rows(s)) for s in mine)
             if i < len(done_mask) and done_mask[i]
         )
+    if options.store_activations:
+        _warn_disk(layout, Path(out), total - done)
     try:
         with ProgressBar(total, done, "extract") as bar:
             result = run_extraction(plan, out, overwrite=overwrite, progress=bar)
@@ -314,6 +316,25 @@ def check_store_out(out: Path) -> None:
         f"--out {str(out)!r} is {what}; choose a new path for the store (it is left "
         "untouched, with or without --overwrite)"
     )
+
+
+def _warn_disk(layout: Any, out: Path, samples: int) -> None:
+    """Warn, before any work, when the activations still to write exceed the free disk."""
+    from rba_store.extract.dry_run import free_disk
+    from rba_store.store.info import size_text
+    from rba_store.store.layout import storage_dtype
+
+    values = sum(p.n_tokens * p.n_channels for p in layout.all_points)
+    needed = samples * values * storage_dtype(layout.dtype).itemsize
+    free, where = free_disk(out)
+    if free is not None and needed > free:
+        typer.echo(
+            f"rba-store: warning: the activations still to write take {size_text(needed)} "
+            f"uncompressed and {size_text(free)} is free at {where}; float activations compress "
+            "little ('extract --dry-run' measures it): free some space or use --dtype float16, "
+            "--tokens random:K or --points (an interrupted run resumes)",
+            err=True,
+        )
 
 
 def _warn_random_weights(plan: Any) -> None:
