@@ -130,6 +130,34 @@ def test_any_grouping_of_the_points_gives_the_same_blocks(
         assert rel_err(got.block(*pair), block) < 1e-12, pair
 
 
+@pytest.mark.parametrize("group_columns", [0, 3, 7, 9, 11])
+@pytest.mark.parametrize("band", [None, 2])
+def test_points_sharing_their_partners_give_the_same_blocks(
+    group_columns: int, band: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Across groups, consecutive points with the same partners share one GEMM."""
+    monkeypatch.setattr(moments, "GROUP_COLUMNS", group_columns)
+    widths = [3, 4, 3, 2, 4, 3, 1]
+    pairs = band_pairs(len(widths), band)
+    z = random_rows((41, sum(widths)), seed=8)
+    got = PairMoments.from_rows(z, widths, pairs)
+    for pair, block in direct_blocks(z, widths, pairs).items():
+        assert rel_err(got.block(*pair), block) < 1e-12, pair
+
+
+def test_shared_partners_follow_the_partners_and_the_width_limit() -> None:
+    partners = {0: [2, 3, 4], 1: [2, 3, 4], 2: [4], 3: [4], 5: [6, 7]}
+    assert moments._shared_partners(partners, [500, 524, 1, 1, 1, 1, 1, 1]) == [
+        ([0, 1], [2, 3, 4]),
+        ([2, 3], [4]),
+        ([5], [6, 7]),
+    ]
+    assert moments._shared_partners(partners, [500, 525, 1, 1, 1, 1, 1, 1])[:2] == [
+        ([0], [2, 3, 4]),
+        ([1], [2, 3, 4]),
+    ]
+
+
 def test_groups_follow_the_pairs_and_the_width_limit() -> None:
     assert moments.GROUP_COLUMNS == 1024
     assert moments._point_groups([64] * 13, set(band_pairs(13, None))) == [list(range(13))]

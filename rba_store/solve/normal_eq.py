@@ -192,6 +192,17 @@ def float32_gemm_error(
     return 4 * FLOAT32_ROUNDOFF * scale / float(eigvals[0])
 
 
+def _spectrum(eigvals: np.ndarray) -> tuple[float, int, float]:
+    """Rank threshold, rank and condition number of a symmetric matrix from its ascending
+    eigenvalues."""
+    d = len(eigvals)
+    top = float(eigvals[-1]) if d else 0.0
+    threshold = top * d * np.finfo(np.float64).eps
+    rank = int((eigvals > threshold).sum())
+    cond = float(top / eigvals[0]) if d and eigvals[0] > 0 else float("inf")
+    return threshold, rank, cond
+
+
 def solve(
     ne: NormalEquations, *, bias: bool = False, ridge: float = 0.0, gemm_dtype: str = "float64"
 ) -> Solution:
@@ -211,11 +222,10 @@ def solve(
     added = ridge * float(np.trace(a)) / d if ridge else 0.0
     if added:
         a = a + added * np.eye(d)
-    eigvals, eigvecs = np.linalg.eigh(a)
-    top = float(eigvals[-1]) if d else 0.0
-    threshold = top * d * np.finfo(np.float64).eps
-    rank = int((eigvals > threshold).sum())
-    cond = float(top / eigvals[0]) if eigvals[0] > 0 else float("inf")
+    # The eigenvalues alone give the condition number and rank (a fifth to a third of eigh's time at
+    # D = 768; the vectors are needed only for the pseudo-inverse, when Cholesky is not used).
+    eigvals = np.linalg.eigvalsh(a)
+    threshold, rank, cond = _spectrum(eigvals)
     notes: list[str] = []
     method = "cholesky"
     t = None
@@ -226,6 +236,8 @@ def solve(
             t = None
     if t is None:
         method = "eigh-pinv"
+        eigvals, eigvecs = np.linalg.eigh(a)
+        threshold, rank, cond = _spectrum(eigvals)
         keep = eigvals > threshold
         inv = np.where(keep, 1.0 / np.where(keep, eigvals, 1.0), 0.0)
         t = eigvecs @ (inv[:, None] * (eigvecs.T @ b))

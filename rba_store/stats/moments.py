@@ -26,7 +26,8 @@ from rba_store.solve._backend import to_numpy
 from rba_store.solve.symmetric import symmetric_product
 
 # Consecutive points all of whose pairs are kept share one symmetric product up to this many
-# columns together (its temporary result: 8 MiB at 1024).
+# columns together (its temporary result: 8 MiB at 1024); consecutive points with the same
+# partners share one GEMM up to this many columns (its result: this many rows).
 GROUP_COLUMNS = 1024
 
 
@@ -161,10 +162,11 @@ class PairMoments:
     ) -> PairMoments:
         """The moments of rows ``z_rp`` for ``pairs``, in float64 where ``xp`` (NumPy or CuPy)
         computes; the blocks come back to the host. One triangle is computed: consecutive points
-        all of whose pairs are kept share one symmetric product (:func:`_fill_groups`); for
-        every other pair, a GEMM of the first point's centred columns with each contiguous run
-        of its partners' columns. ``overwrite``: ``z_rp`` (float64) may be centred in place
-        rather than copied."""
+        all of whose pairs are kept share one symmetric product (:func:`_fill_groups`); the
+        other pairs are GEMMs of a run of consecutive points with the same partners (every
+        earlier group's points when every pair is kept, :func:`_shared_partners`) with each
+        contiguous run of those partners' columns. ``overwrite``: ``z_rp`` (float64) may be
+        centred in place rather than copied."""
         z = xp.asarray(z_rp, dtype=xp.float64)
         mean = z.mean(axis=0)
         if overwrite or z is not z_rp:  # a copy already (cast, or moved to the device)
@@ -183,16 +185,18 @@ class PairMoments:
         for a, b in pairs:
             if (a, b) not in done:
                 partners.setdefault(a, []).append(b)
-        for a, bs in partners.items():
-            x = zc[:, cols[a]]
+        for rows_run, bs in _shared_partners(partners, widths):
+            x = zc[:, cols[rows_run[0]].start : cols[rows_run[-1]].stop]
             for run in _runs(bs):
-                product = to_numpy(x.T @ zc[:, cols[run[0]].start : cols[run[-1]].stop])
-                offset = 0
-                for b in run:
-                    blocks[index[(a, b)], : widths[a], : widths[b]] = product[
-                        :, offset : offset + widths[b]
-                    ]
-                    offset += widths[b]
+                start = cols[run[0]].start
+                product = to_numpy(x.T @ zc[:, start : cols[run[-1]].stop])
+                first = cols[rows_run[0]].start
+                for a in rows_run:
+                    rows = slice(cols[a].start - first, cols[a].stop - first)
+                    for b in run:
+                        blocks[index[(a, b)], : widths[a], : widths[b]] = product[
+                            rows, cols[b].start - start : cols[b].stop - start
+                        ]
         return cls(len(z), to_numpy(mean), widths, pairs, blocks)
 
     @classmethod
@@ -273,6 +277,26 @@ def _fill_groups(
                 ]
                 done.add((a, b))
     return done
+
+
+def _shared_partners(
+    partners: dict[int, list[int]], widths: Sequence[int]
+) -> list[tuple[list[int], list[int]]]:
+    """Runs of consecutive points with the same partners, at most :data:`GROUP_COLUMNS` wide
+    together (a single point whatever its width), each with those partners: one GEMM of the
+    run's columns with each run of partner columns (a few wide GEMMs run at the machine's GEMM
+    rate, one per point of 192 columns at two thirds of it)."""
+    shared: list[tuple[list[int], list[int]]] = []
+    width = 0
+    for a, bs in sorted(partners.items()):
+        last = shared[-1] if shared else None
+        if last and last[0][-1] == a - 1 and last[1] == bs and width + widths[a] <= GROUP_COLUMNS:
+            last[0].append(a)
+            width += widths[a]
+        else:
+            shared.append(([a], bs))
+            width = widths[a]
+    return shared
 
 
 def _runs(sorted_values: Sequence[int]) -> list[list[int]]:
