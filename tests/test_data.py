@@ -81,6 +81,28 @@ def test_npz_images_and_preprocessed_inputs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(raw.load(0, 3, identity).numpy(), inputs)
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_arrays_are_mapped_not_read_whole(tmp_path: Path, save: object) -> None:
+    """Uncompressed members are memory-mapped where they lie in the archive (counting and
+    extracting take a batch of memory); compressed ones are read; only x and y of the split."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(7, 5, 6), dtype=np.uint8)
+    fortran = np.asfortranarray(rng.normal(size=(4, 2, 3, 3)).astype(np.float64))
+    other = np.array([{"a": 1}], dtype=object)  # another split's array: never read
+    path = tmp_path / "data.npz"
+    save(path, x_train=x, y_train=np.arange(7), x_val=other, inputs=fortran)  # type: ignore[operator]
+    source = open_source(str(path), "train")
+    assert isinstance(source.x, np.memmap) == (save is np.savez)
+    np.testing.assert_array_equal(source.x, x)
+    np.testing.assert_array_equal(source.load(3, 5, identity).numpy(), x[3:5])
+    assert source.labels.tolist() == list(range(7))
+    from rba_store.extract.npz import npz_array
+
+    np.testing.assert_array_equal(npz_array(path, "inputs"), fortran)  # Fortran order kept
+    with pytest.raises(DataSourceError, match="array of Python objects"):
+        open_source(str(path), "val")
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [

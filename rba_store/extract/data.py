@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from rba_store.errors import DataSourceError, NotFoundError, UnknownSplitError, UsageError
+from rba_store.extract.npz import npz_array, npz_members
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DIGITS_SEED = 0
@@ -260,9 +261,10 @@ class NpzSource(DataSource):
                 f"{str(path)!r} is not a .npz file (not a zip archive of .npy arrays); save the "
                 "inputs with numpy.savez(PATH, x=..., y=...)"
             )
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
+        x_key, y_key = ("x", "y") if split is None else (f"x_{split}", f"y_{split}")
+        try:  # only x and y, and memory-mapped where stored uncompressed (extract/npz.py)
+            names = npz_members(path)
+            arrays = {k: npz_array(path, k) for k in (x_key, y_key) if k in names}
         except ValueError as e:
             if "pickle" in str(e):  # numpy's advice is to unpickle, which is unsafe: never
                 raise DataSourceError(
@@ -278,10 +280,9 @@ class NpzSource(DataSource):
                 f"cannot read {str(path)!r} as .npz ({type(e).__name__}: {e}); write it again "
                 "with numpy.savez"
             ) from e
-        x_key, y_key = ("x", "y") if split is None else (f"x_{split}", f"y_{split}")
         if x_key not in arrays:
             raise DataSourceError(
-                f"{str(path)!r} has no array {x_key!r} (arrays: {', '.join(sorted(arrays))}); "
+                f"{str(path)!r} has no array {x_key!r} (arrays: {', '.join(sorted(names))}); "
                 "save the inputs as 'x' (and labels as 'y')"
             )
         x = arrays[x_key]
@@ -314,7 +315,7 @@ class NpzSource(DataSource):
     def load(self, start: int, stop: int, preprocess: Preprocess) -> torch.Tensor:
         chunk = self.x[start:stop]
         if self._preprocessed:
-            return torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+            return torch.from_numpy(np.array(chunk, dtype=np.float32))  # a copy: writable
         return torch.stack([preprocess(Image.fromarray(img)) for img in chunk])
 
     def describe(self) -> dict[str, Any]:
