@@ -38,7 +38,7 @@ def fold_runners(
     for each span of ``recomputed`` (folded spans after h0 whose MLP output is not read off
     saved moments)."""
     from rba_store.approx.fold_site import MlpOutputs, fold_site
-    from rba_store.approx.rebuild import rebuild_model
+    from rba_store.approx.rebuild import build_architecture, rebuild_model
 
     if options.checkpoint is not None:
         raise UsageError("--checkpoint does not apply to --fold; drop one of them")
@@ -56,7 +56,12 @@ def fold_runners(
             "recomputes from the activations; extract with --mlp-outputs and run stats, or use "
             "--from auto"
         )
-    module = rebuild_model(store.description["model"], None, store).module
+    description = store.description["model"]
+    if recomputed or description.get("family") == "language":
+        module = rebuild_model(description, None, store).module
+    else:  # the checks read the structure only: no weights, no memory (meta device)
+        with torch.device("meta"):
+            module = build_architecture(description)
     for span in spans:
         fold_site(module, span, options.bias)
     n_tokens = store.layout.points[0].n_tokens
