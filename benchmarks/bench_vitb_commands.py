@@ -14,6 +14,7 @@ Maps fitted by an earlier run are kept in the store (``fits/``) and reused, as f
 them for a first-run figure.
 
     python -m benchmarks.bench_vitb_commands [--work /tmp/rba_vitb] [--train 96]
+        [--commands evaluate select]   # only these (of fit, evaluate, select)
 
 Takes 15-30 min for ViT-B on 2 cores. Figures are ratios within one run.
 """
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+COMMANDS = ("fit", "evaluate", "select")
 ETA = re.compile(r"(?<!step )ETA (at most )?((?:\d+ h )?(?:\d+ min )?(?:\d+ s)?)")
 
 
@@ -81,9 +83,11 @@ def run(args: list[str], interval: float) -> dict[str, Any]:
 def eta_checks(result: dict[str, Any], at: tuple[float, ...] = (0.25, 0.5)) -> dict[str, Any]:
     """The last ETA printed before each share of the wall time against the time really left,
     the range of that ratio over the lines with an ETA in the first 90 % of the wall time, and
-    when the first ETA came."""
+    when the first ETA came. Only the command's own progress lines count (``... so far, ETA``),
+    not a phase's (the Dask lines of statistics and fits)."""
     wall = result["wall_s"]
-    known = [(t, line, parse_eta(line)) for t, line in result["lines"] if "ETA" in line]
+    lines = [(t, line) for t, line in result["lines"] if " so far, " in line]  # the command's
+    known = [(t, line, parse_eta(line)) for t, line in lines if "ETA" in line]  # not a phase's
     known = [(t, line, eta) for t, line, eta in known if eta is not None and t < wall]
     ratios = [eta / (wall - t) for t, _, eta in known if t <= 0.9 * wall]  # not the last s
     out: dict[str, Any] = {
@@ -143,6 +147,9 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=16, help="val and test images each")
     parser.add_argument("--span", default="8:10", help="span of the fit RSS comparison")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between lines")
+    parser.add_argument(
+        "--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS), help="run only these"
+    )
     args = parser.parse_args()
     data, store = args.work / "data", args.work / "store.zarr"
     if not data.is_dir():
@@ -153,16 +160,19 @@ def main() -> None:
         run(["stats", str(store)], args.interval)
     out: dict[str, Any] = {"model": args.model, "train": args.train, "held_out": args.held_out}
     out["load_average"] = os.getloadavg()
-    for source in ("moments", "activations"):
+    for source in ("moments", "activations") if "fit" in args.commands else ():
         fit = ["fit", str(store), "--span", args.span, "--from", source]
         result = run([*fit, "--name", f"rss-{source}", "--overwrite"], args.interval)
         out[f"fit_{source}"] = {"command": "rba-store " + " ".join(fit), **_rss(result)}
-    out["fit_rss_ratio"] = out["fit_moments"]["rss_mb"] / out["fit_activations"]["rss_mb"]
-    evaluate = ["evaluate", str(store), "--auto", "--max-blocks", "3"]
-    out["evaluate"] = timed_command(evaluate, args.interval, None, args.work / "evaluate.log")
-    selection = str(args.work / "select.json")
-    select = ["select", str(store), "--max-blocks", "3", "--out", selection]
-    out["select"] = timed_command(select, args.interval, "test", args.work / "select.log")
+    if "fit" in args.commands:
+        out["fit_rss_ratio"] = out["fit_moments"]["rss_mb"] / out["fit_activations"]["rss_mb"]
+    if "evaluate" in args.commands:
+        evaluate = ["evaluate", str(store), "--auto", "--max-blocks", "3"]
+        out["evaluate"] = timed_command(evaluate, args.interval, None, args.work / "evaluate.log")
+    if "select" in args.commands:
+        selection = str(args.work / "select.json")
+        select = ["select", str(store), "--max-blocks", "3", "--out", selection]
+        out["select"] = timed_command(select, args.interval, "test", args.work / "select.log")
     out["load_average_after"] = os.getloadavg()
     print(json.dumps(out, indent=2))
 

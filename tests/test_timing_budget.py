@@ -167,7 +167,7 @@ def test_progress_lines_never_say_zero_per_second(
     assert work_lines[-1].endswith("ETA 7 s")  # the timing budgets still to come
 
 
-def test_select_reports_an_upper_bound_of_its_work(small_store: Path, tmp_path: Path) -> None:
+def test_select_reports_an_estimate_of_its_work(small_store: Path, tmp_path: Path) -> None:
     import shutil
 
     store = Path(shutil.copytree(small_store, tmp_path / "s.zarr"))
@@ -175,28 +175,30 @@ def test_select_reports_an_upper_bound_of_its_work(small_store: Path, tmp_path: 
     options = SelectOptions(max_blocks=2, max_span=1, time_budget=0.1)
     selection = select_spans(store, options, progress=reports.append)
     assert reports and all(w.cost_done <= w.cost_total for w in reports)
-    assert all(w.bound.startswith("up to ") for w in reports)
-    fractions = [w.fraction for w in reports]
-    assert fractions == sorted(fractions)  # the bound only tightens
-    assert [w.what for w in reports[:2]] == ["the original on the validation split"] * 2
-    assert reports[2].what.startswith("step 1: candidate 1/")
-    assert all(w.stage_left is not None and w.stage_left >= 0 for w in reports)
+    assert all(" step" in w.assumed and "test table" in w.assumed for w in reports[2:])
+    assert [w.what for w in reports[:2]] == ["loading the model", "the maps of 12 candidate spans"]
+    assert [w.what for w in reports[2:4]] == ["the original on the validation split"] * 2
+    assert reports[4].what.startswith("step 1: candidate 1/")
+    assert all(w.stage_left is not None and w.stage_left >= 0 for w in reports[2:])
     assert reports[-1].stage_left == pytest.approx(0)  # the last candidate of the last step
     assert len(selection.steps) <= 2
 
 
-def test_select_lines_give_the_step_eta_and_the_bound(
+def test_select_lines_give_the_step_eta_and_the_estimate(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("RBA_STORE_PROGRESS_SECONDS", "0")
     monkeypatch.setattr("rba_store.cli.progress.plain_lines", lambda: True)
     clock = itertools.count(0.0, 10.0)
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
-    bound = "up to 3 steps and their test table"
+    assumed = "2-3 steps (4:6 leading), then the test table"
     with WorkProgress("select") as progress:
         for i in range(1, 4):  # 10 s per candidate of 10 units; 20 units left in the step
-            progress(Work(f"step 1: candidate {i}/5", 10.0 * i, 200.0, 0, 3.0, bound, 50 - 10 * i))
+            work = Work(f"step 1: candidate {i}/5", 10.0 * i, 200.0, 0, 3.0, assumed, 50 - 10 * i)
+            progress(work)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("rba-store: select step 1: candidate 1/5 (at least 5% done)")
+    assert lines[0].startswith("rba-store: select step 1: candidate 1/5 (about 5% done)")
     assert lines[0].endswith("so far, step ETA ?, ETA ?")  # no rate yet
-    assert lines[-1].endswith(f"step ETA 20 s, ETA at most 2 min 53 s ({bound})"), lines[-1]
+    # 30 s so far, 170 units left at 1 unit/s and 3 s of timing: 15% of the time is done
+    assert "candidate 3/5 (about 15% done), 30 s so far" in lines[-1]
+    assert lines[-1].endswith(f"step ETA 20 s, ETA 2 min 53 s (assuming {assumed})"), lines[-1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,10 +149,21 @@ def fit_probe(store: Store) -> Classifier:
     return Classifier("probe", solution.t, solution.bias)
 
 
+@dataclass(frozen=True)
+class LaterVariants:
+    """Variants made by ``make()`` once the model is loaded and its speed measured (e.g. the
+    sweep's, whose maps may still need fitting), so that progress has an ETA first; each
+    removes ``removed[i]`` blocks."""
+
+    removed: list[int]
+    make: Callable[[], list[Variant]]
+
+
 def evaluate_variants(
     store: Store | str | Path,
     variants: list[Variant],
     *,
+    later: LaterVariants | None = None,
     checkpoint: str | Path | None = None,
     batch_size: int = 256,
     source: DataSource | None = None,
@@ -167,7 +178,9 @@ def evaluate_variants(
 
     images/s is timed after the evaluation, within ``time_budget`` seconds per variant
     (:func:`rba_store.approx.surgery.measure_throughput`; 0: not timed, None in the report).
-    ``progress`` receives the cost-weighted :class:`rba_store.approx.surgery.Work` done."""
+    ``progress`` receives the cost-weighted :class:`rba_store.approx.surgery.Work` done, from
+    the start: the original is timed on one input as soon as it is loaded, for an ETA before
+    the ``later`` variants are made and every model has run."""
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} is invalid; pass a positive number")
     check_time_budget(time_budget)
@@ -177,7 +190,7 @@ def evaluate_variants(
         _check_device(device)
         return evaluate_language_variants(
             store,
-            variants,
+            variants + (later.make() if later else []),
             checkpoint=checkpoint,
             batch_size=batch_size,
             source=source,  # type: ignore[arg-type]
@@ -186,8 +199,10 @@ def evaluate_variants(
             progress=progress,
             time_budget=time_budget,
         )
-    chosen = choose_classifier(store, classifier)
     _check_device(device)
+    tracker = WorkTracker(progress)
+    tracker.report("loading the model")
+    chosen = choose_classifier(store, classifier)
     loaded = rebuild_model(description["model"], checkpoint, store)
     if chosen.kind == "probe":  # count and time what is evaluated (and what apply writes)
         loaded.module.head = chosen.as_head()
@@ -198,15 +213,32 @@ def evaluate_variants(
             raise UsageError(f"--limit {limit} is out of range; pass 1..{len(source)}")
         source = source.limited(limit)
     preprocess = make_preprocess(loaded.data_config)
-    models = [("original", loaded.module, [])] + [
-        (v.name, build_variant(loaded.module, v.maps, replace_spans), v.spans) for v in variants
-    ]
-    passes = EvaluationPasses(models, len(source), batch_size, time_budget, progress)
-    passes.tracker.report(f"{len(models)} models on {len(source)} images")  # the rate's start
+    first = source.load(0, min(batch_size, len(source)), preprocess).to(device)
+    removed = [sum(b - a for a, b in v.spans) for v in variants] + (later.removed if later else [])
+    n_blocks = block_cost(loaded.module) - 1
+    tracker.cost_total = sum(n_blocks + 1 - r for r in [0, *removed]) * (len(source) + 1)
+    tracker.seconds_left = time_budget * (1 + len(removed))
+    took, seconds = _time_one_input(chosen, loaded.module, first[:1])
+    tracker.unit_seconds = seconds / (n_blocks + 1)  # until the batches measure it
+    tracker.report("the original timed on one image", seconds=took)
+    if later is not None:
+        tracker.report(f"the maps of {len(later.removed)} more variants")
+        variants = variants + later.make()
+    models, base = [("original", loaded.module, [])], tracker.seconds_left
+    for v in variants:
+        built = time.perf_counter()
+        models.append((v.name, build_variant(loaded.module, v.maps, replace_spans), v.spans))
+        built = time.perf_counter() - built
+        tracker.seconds_left = base + built * (len(variants) + 1 - len(models))  # copies to come
+        tracker.report(f"building model {len(models)}/{len(variants) + 1}", seconds=built)
+    tracker.seconds_left = base
+    passes = EvaluationPasses(models, len(source), batch_size, time_budget, progress, tracker)
+    passes.tracker.report(f"{len(models)} models on {len(source)} images")
     predictions: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in models}
     first_batch = None
     for start in range(0, len(source), batch_size):
-        x = source.load(start, min(start + batch_size, len(source)), preprocess).to(device)
+        end = min(start + batch_size, len(source))
+        x = first if start == 0 else source.load(start, end, preprocess).to(device)
         first_batch = x if first_batch is None else first_batch
         for name, model, _ in models:
             with passes.timed(name, len(x)):
@@ -254,9 +286,23 @@ def check_time_budget(time_budget: float) -> None:
         )
 
 
+def _time_one_input(
+    classifier: Classifier, model: nn.Module, x: torch.Tensor
+) -> tuple[float, float]:
+    """Seconds of a warm-up pass and a second pass of ``model`` on one input, and of the
+    second."""
+    start = time.perf_counter()
+    classifier.predict(model, x)
+    warm = time.perf_counter()
+    classifier.predict(model, x)
+    end = time.perf_counter()
+    return end - start, end - warm
+
+
 class EvaluationPasses:
     """Cost-weighted progress of an evaluation: every model on every batch (units: blocks run
-    on one input), then each model's FLOP count (one input) and timing (a fixed budget)."""
+    on one input), then each model's FLOP count (one input) and timing (a fixed budget).
+    ``tracker``: one that counted the work before (else a new one)."""
 
     def __init__(
         self,
@@ -265,6 +311,7 @@ class EvaluationPasses:
         batch_size: int,
         time_budget: float,
         progress: WorkProgress | None,
+        tracker: WorkTracker | None = None,
     ) -> None:
         self.costs = {name: block_cost(model) for name, model, _ in models}
         self.n_inputs, self.budget = n_inputs, time_budget
@@ -274,7 +321,9 @@ class EvaluationPasses:
         self.batches: dict[str, int] = dict.fromkeys(self.costs, 0)
         self.untimed = list(self.costs)
         self.timing_s = 0.0
-        self.tracker = WorkTracker(progress, sum(self.costs.values()) * (n_inputs + 1))
+        cost = sum(self.costs.values()) * (n_inputs + 1)
+        self.tracker = tracker or WorkTracker(progress)
+        self.tracker.cost_total = self.tracker.cost_done + cost
         self.tracker.seconds_left = time_budget * len(self.costs)
 
     @contextlib.contextmanager

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rba_store.approx.evaluate import Variant, check_time_budget, evaluate_variants
+from rba_store.approx.outlook import SelectOutlook, blocks_after, overlaps
 from rba_store.approx.rebuild import held_out_source, rebuild_model
 from rba_store.approx.refit import changed_sources, refit_maps
 from rba_store.approx.surgery import TIME_BUDGET_S, SpanMap, WorkProgress, WorkTracker
@@ -170,15 +170,16 @@ def _try_candidates(
     trials: list[SpanMap],
     tracker: WorkTracker | None = None,
     step: int = 1,
-    leading: Callable[[Span], None] | None = None,
+    leading: Callable[[Span, list[Span]], None] | None = None,
     rank_by: str = "agreement",
 ) -> list[Score]:
     """Validation accuracy and agreement of the network with each trial map added.
 
     ``tracker`` is told after each candidate on each batch, with its cost (blocks run);
-    ``leading(span)`` whenever another candidate leads the step (on the last batch)."""
+    ``leading(span, untried)`` after each candidate on the last batch: the one that leads the
+    step, and the spans still to try."""
     entries = [net.entry(m) for m in trials]  # where each map starts, and what it runs
-    costs = [_blocks_after(net, m.span[1]) for m in trials]
+    costs = [blocks_after(net, m.span[1]) for m in trials]
     outputs: list[list[Any]] = [[] for _ in trials]
     scores: list[Score] = []
     n_batches = len(val.batches)
@@ -192,59 +193,14 @@ def _try_candidates(
             if j == n_batches:
                 scores.append(val.score(outputs[i]))
                 best = _best(trials[: i + 1], scores, rank_by)
-                if leading is not None and (i == 0 or best == i):
-                    leading(trials[best].span)
+                if leading is not None:
+                    leading(trials[best].span, [m.span for m in trials[i + 1 :]])
             if tracker is not None:
                 where = f"step {step}: candidate {i + 1}/{len(trials)}"
                 where += f", batch {j}/{n_batches}" if n_batches > 1 else ""
-                first = _blocks_after(net, 0) * n if i == 0 else 0  # the pass to every point
+                first = blocks_after(net, 0) * n if i == 0 else 0  # the pass to every point
                 tracker.report(where, cost=costs[i] * n + first)
     return scores
-
-
-def _blocks_after(net: Any, point: int) -> int:
-    """Cost units per input of running ``net`` from ``point`` on (blocks, plus the head)."""
-    return sum(1 for _ in net.steps(point)) + 1
-
-
-class _Outlook:
-    """The most work the selection can still take (``tracker``'s total): this step's trials,
-    then as many steps as blocks may still go, each removing one block and trying the spans of
-    this step that still fit, then the test table of every step, whose model takes ``setup_s``
-    to rebuild. Once a candidate leads the step, the outlook assumes it is kept."""
-
-    def __init__(
-        self, tracker: WorkTracker, n_val: int, options: SelectOptions, limit: int, setup_s: float
-    ) -> None:
-        self.tracker, self.n_val, self.options = tracker, n_val, options
-        self.limit, self.setup_s = limit, setup_s
-
-    def step(self, net: Any, trial_spans: list[Span], before: float = 0.0) -> None:
-        """A step starts (after ``before`` cost units still to run first)."""
-        self.net, self.spans = net, trial_spans
-        self.removed = sum(m.span[1] - m.span[0] for m in net.maps)
-        room = self.limit - self.removed
-        self.tracker.stage_end = self.tracker.cost_done + before + self._step_cost(room)
-        self.leading(None)
-
-    def _step_cost(self, room: int) -> float:
-        trials = sum(_blocks_after(self.net, b) for a, b in self.spans if b - a <= room)
-        return (_blocks_after(self.net, 0) + trials) * self.n_val
-
-    def leading(self, span: Span | None) -> None:
-        """``span`` leads the step (None: not known yet, i.e. one block)."""
-        taken = 1 if span is None else span[1] - span[0]
-        left = self.limit - self.removed - taken  # blocks later steps may still remove
-        future = sum(self._step_cost(left - j) for j in range(left))
-        steps = len(self.net.maps) + 1 + left
-        variants = 1 + steps * (1 if self.options.maps == "identity" else 2)
-        full = _blocks_after(self.net, 0) + self.removed  # a map counted as a block
-        assert self.tracker.stage_end is not None
-        tracker = self.tracker
-        tracker.cost_total = tracker.stage_end + future + variants * full * (self.n_val + 1)
-        tracker.seconds_left = variants * self.options.time_budget + self.setup_s
-        lead = "" if span is None else f" if {span[0]}:{span[1]} stays the best"
-        tracker.bound = f"up to {steps} steps{lead}, and their test table"
 
 
 def _original_score(net: Any, val: Any) -> Score:
@@ -265,12 +221,6 @@ def _best(trials: list[SpanMap], scores: list[Score], rank_by: str) -> int:
     return max(range(len(trials)), key=key)
 
 
-def _overlaps(span: Span, chosen: list[SpanMap], fold: bool = False) -> bool:
-    """Whether a candidate needs a point a chosen map removed (a folded one needs block a)."""
-    a, b = SpanMap(span, None if not fold else np.eye(1), folded=fold).occupied
-    return any(a < m.occupied[1] and m.occupied[0] < b for m in chosen)
-
-
 def select_spans(
     store: Store | str | Path,
     options: SelectOptions,
@@ -280,11 +230,13 @@ def select_spans(
     """Greedy selection on the validation split (see the module's docstring).
 
     ``progress`` receives the :class:`rba_store.approx.surgery.Work` done after each candidate
-    on each batch; its total is the most the selection can take (as many steps as blocks may
-    go, then the test table), since the number of steps is not known in advance."""
+    on each batch; its total is an estimate (:class:`rba_store.approx.outlook.SelectOutlook`),
+    since the number of steps, and what each tries, is not known in advance."""
     store = Store.coerce(store)
     description = store.description
     options.check(store.layout.n_blocks)
+    tracker = WorkTracker(progress)
+    tracker.report("loading the model")
     start = time.perf_counter()
     loaded = rebuild_model(description["model"], checkpoint, store)
     setup_s = time.perf_counter() - start  # evaluate_path rebuilds it
@@ -299,13 +251,14 @@ def select_spans(
         from rba_store.approx.fold import fold_refusal_for
 
         spans = [s for s in spans if fold_refusal_for(loaded.module, s) is None]
+    tracker.report(f"the maps of {len(spans)} candidate spans")
     fitted = original_maps(store, spans, options.fold) if options.maps != "identity" else {}
     n_val = sum(len(x) for x in val.batches)
     limit = options.max_blocks or store.layout.n_blocks - 1
-    tracker = WorkTracker(progress)
-    outlook = _Outlook(tracker, n_val, options, limit, setup_s)
-    original_cost = _blocks_after(net, 0) * n_val
-    outlook.step(net, spans * (2 if options.maps == "both" else 1), before=original_cost)
+    every_step = spans * (2 if options.maps == "both" else 1)  # what a step may try
+    outlook = SelectOutlook(tracker, n_val, options, limit, setup_s, every_step)
+    original_cost = blocks_after(net, 0) * n_val
+    outlook.step(net, every_step, before=original_cost)
     tracker.report("the original on the validation split")
     original = _original_score(net, val)
     tracker.report("the original on the validation split", cost=original_cost)
@@ -316,7 +269,7 @@ def select_spans(
         open_spans = [
             s
             for s in spans
-            if not _overlaps(s, net.maps, options.fold) and removed + s[1] - s[0] <= limit
+            if not overlaps(s, net.maps, options.fold) and removed + s[1] - s[0] <= limit
         ]
         if not open_spans:
             selection.stop_reason = f"no candidate span left within {limit} blocks"

@@ -236,20 +236,23 @@ class Work:
     """Where a long evaluation stands, for progress lines: ``what`` was just done, and the work
     weighted by its expected cost: ``cost_done`` of ``cost_total`` units (one unit: one block run
     on one input), plus work of known duration (timing budgets): ``seconds_done`` spent and
-    ``seconds_left`` expected. ``bound``: why ``cost_total`` is an upper bound ("" when not);
-    then ``stage_left``: the cost left in the current stage (select's step), known exactly."""
+    ``seconds_left`` expected. ``assumed``: what ``cost_total`` assumes when it is an estimate
+    ("" when it is known); then ``stage_left``: the cost left in the current stage (select's
+    step), known exactly. ``unit_seconds``: the seconds a unit is expected to take before a
+    rate is measured (from a first pass; None: unknown)."""
 
     what: str
     cost_done: float
     cost_total: float
     seconds_done: float = 0.0
     seconds_left: float = 0.0
-    bound: str = ""
+    assumed: str = ""
     stage_left: float | None = None
+    unit_seconds: float | None = None
 
     @property
     def fraction(self) -> float:
-        return min(1.0, self.cost_done / self.cost_total) if self.cost_total > 0 else 1.0
+        return min(1.0, self.cost_done / self.cost_total) if self.cost_total > 0 else 0.0
 
 
 WorkProgress = Callable[[Work], None]
@@ -262,8 +265,9 @@ class WorkTracker:
         self.progress = progress
         self.cost_done, self.cost_total = 0.0, float(cost_total)
         self.seconds_done = self.seconds_left = 0.0
-        self.bound = ""
+        self.assumed = ""
         self.stage_end: float | None = None  # cost_done when the current stage ends
+        self.unit_seconds: float | None = None
 
     def report(self, what: str, cost: float = 0.0, seconds: float = 0.0) -> None:
         """``cost`` units (and ``seconds`` of fixed-duration work) were just done."""
@@ -277,8 +281,9 @@ class WorkTracker:
                     max(self.cost_total, self.cost_done),
                     self.seconds_done,
                     self.seconds_left,
-                    self.bound,
+                    self.assumed,
                     None if self.stage_end is None else max(0.0, self.stage_end - self.cost_done),
+                    self.unit_seconds,
                 )
             )
 

@@ -181,6 +181,7 @@ def evaluate(
 ) -> None:
     """Accuracy, parameters, FLOPs and speed of the original and approximated models."""
     from rba_store.approx.evaluate import (
+        LaterVariants,
         Variant,
         check_time_budget,
         evaluate_variants,
@@ -188,7 +189,7 @@ def evaluate(
         format_report,
         identity_variant,
     )
-    from rba_store.approx.sweep import sweep_variants, write_sweep_plot
+    from rba_store.approx.sweep import sweep_spans, sweep_variants, write_sweep_plot
     from rba_store.solve.fit import parse_span
     from rba_store.store import Store
 
@@ -223,15 +224,23 @@ def evaluate(
             f"nothing to evaluate in {str(store)!r}: pass --fit NAME, --identity a:b, "
             "--selection FILE or --auto (fit maps first with 'rba-store fit')"
         )
+
+    def sweep() -> list[Variant]:  # once the model is loaded and timed: an ETA from the start
+        with dask_progress("evaluate: fits"):
+            made = sweep_variants(opened, max_blocks, stats_name)
+        return [v for _, linear, ident in made for v in (linear, ident)]
+
     try:
-        if auto:
-            with dask_progress("evaluate: statistics and fits"):
-                for _, linear, ident in sweep_variants(opened, max_blocks, stats_name):
-                    variants += [linear, ident]
         with WorkProgress("evaluate:") as progress:
+            later = None
+            if auto:
+                with dask_progress("evaluate: statistics"):
+                    steps = sweep_spans(opened, max_blocks, stats_name)
+                later = LaterVariants([k for k, _ in steps for _ in range(2)], sweep)
             report = evaluate_variants(
                 opened,
                 variants,
+                later=later,
                 checkpoint=checkpoint,
                 batch_size=batch_size,
                 classifier=classifier.value,

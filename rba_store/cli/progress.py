@@ -133,42 +133,55 @@ class ProgressBar:
 class WorkEta:
     """Remaining seconds of cost-weighted work (:class:`rba_store.approx.surgery.Work`): the
     cost left at the rate measured so far (time spent on work of fixed duration left out), plus
-    the fixed-duration work still to come. None until a rate is known.
+    the fixed-duration work still to come. Until a rate is measured, the work's own
+    ``unit_seconds`` (from a first pass), else None.
 
-    The rate is measured from the first report (what came before took an unknown time), and
-    from the second once two units of work have been done after it: the first unit carries
-    the warm-up (first forward passes, loading), which would inflate the estimate."""
+    The rate is measured from the last report before any cost was done (what came before, and
+    setup reported without cost, took a time that says nothing of the rate), and from the
+    second mark once two units of work have been done after it: the first unit carries the
+    warm-up (first forward passes, loading), which would inflate the estimate; with
+    ``unit_seconds`` known, the first unit alone gives no rate."""
 
     def __init__(self) -> None:
         self.marks: list[tuple[float, float, float]] = []  # time, cost, fixed seconds
         self.rate: float | None = None  # cost per second
+        self.prior: float | None = None  # seconds per unit, before a rate is measured
 
     def seconds_for(self, cost: float) -> float | None:
-        """Seconds that ``cost`` units take at the rate measured so far."""
-        return None if self.rate is None else cost / self.rate
+        """Seconds that ``cost`` units take at the rate measured so far (or the prior)."""
+        if self.rate is not None:
+            return cost / self.rate
+        return None if self.prior is None else cost * self.prior
 
     def __call__(self, work: Work, now: float) -> float | None:
+        if work.cost_total <= 0:
+            return None  # setting up: the work is not known yet
         left = max(work.cost_total - work.cost_done, 0.0)
         mark = (now, work.cost_done, work.seconds_done)
-        if not self.marks or (len(self.marks) == 1 and work.cost_done > self.marks[0][1]):
+        self.prior = work.unit_seconds if work.unit_seconds is not None else self.prior
+        if len(self.marks) == 1 and work.cost_done == self.marks[0][1]:
+            self.marks[0] = mark  # nothing done since: the rate starts here
+        elif not self.marks or (len(self.marks) == 1 and work.cost_done > self.marks[0][1]):
             self.marks.append(mark)  # the first report, and the first with cost done after it
         base = self.marks[1] if len(self.marks) > 1 and mark[1] > self.marks[1][1] else None
         start, cost_start, fixed_start = base or self.marks[0]
         cost = work.cost_done - cost_start
         busy = (now - start) - (work.seconds_done - fixed_start)
-        if cost > 0 and busy > 0:
-            self.rate = cost / busy
+        if cost > 0 and busy > 0 and (base is not None or self.prior is None):
+            self.rate = cost / busy  # with a prior, the first unit's warm-up is not a rate
         if left == 0:
             return work.seconds_left
-        return None if self.rate is None else left / self.rate + work.seconds_left
+        seconds = self.seconds_for(left)
+        return None if seconds is None else seconds + work.seconds_left
 
 
 class WorkProgress:
     """Progress of ``evaluate`` and ``select`` (``label``, e.g. ``evaluate:``, is put before
-    what is being done): what is being done (model i/n, step and
-    candidate i/n, timing), the share of the cost-weighted work done, and an ETA from the rate
-    of that work (an upper bound when the total is: select's steps). A rich bar on a terminal;
-    plain lines (at most one every interval) otherwise."""
+    what is being done): what is being done (model i/n, step and candidate i/n, timing), the
+    share of the time done (of the cost-weighted work until an ETA is known), and an ETA from
+    the rate of that work (an estimate, saying what it assumes, when the total is: select's
+    later steps). A rich bar on a terminal; plain lines (at most one every interval)
+    otherwise."""
 
     def __init__(self, label: str) -> None:
         from rich.console import Console
@@ -198,21 +211,23 @@ class WorkProgress:
 
     def __call__(self, work: Work) -> None:
         now = time.perf_counter()
-        eta = eta_text(self.eta(work, now), work)
-        if work.stage_left is not None and work.bound:
+        left = self.eta(work, now)
+        eta = eta_text(left, work)
+        if work.stage_left is not None and work.assumed:
             stage = self.eta.seconds_for(work.stage_left)
             eta = f"step ETA {'?' if stage is None else duration(stage)}, {eta}"
         where = f"{self.label} {work.what}"
+        elapsed = now - self.start
+        share = work.fraction if left is None else elapsed / max(elapsed + left, 1e-9)
         if not self.plain:
-            self.progress.update(self.task, description=where, completed=work.fraction, eta=eta)
+            self.progress.update(self.task, description=where, completed=share, eta=eta)
             return
         if now - self.last < self.interval:
             return
         self.last = now
-        share = f"{100 * work.fraction:.0f}% done"
+        done = f"{'about ' if work.assumed else ''}{100 * share:.0f}% done"
         print(
-            f"rba-store: {where} ({'at least ' if work.bound else ''}{share}), "
-            f"{duration(now - self.start)} so far, {eta}",
+            f"rba-store: {where} ({done}), {duration(elapsed)} so far, {eta}",
             file=sys.stderr,
             flush=True,
         )
@@ -221,8 +236,8 @@ class WorkProgress:
 def eta_text(eta: float | None, work: Work) -> str:
     if eta is None:
         return "ETA ?"
-    if work.bound:
-        return f"ETA at most {duration(eta)} ({work.bound})"
+    if work.assumed:
+        return f"ETA {duration(eta)} (assuming {work.assumed})"
     return f"ETA {duration(eta)}"
 
 
