@@ -64,3 +64,15 @@ def small_store(tmp_path_factory: pytest.TempPathFactory, default_weights: Path)
     options = ExtractOptions(limit=50, batch_size=16, chunk_samples=10, shard_samples=20)
     run_extraction(plan_extraction(options), out)
     return out
+
+
+def plain_progress_on_a_clock(monkeypatch: pytest.MonkeyPatch, step: float) -> None:
+    """Progress as plain lines, one per update, on a fake clock that advances ``step`` seconds
+    at each reading."""
+    import itertools
+    import time
+
+    monkeypatch.setenv("RBA_STORE_PROGRESS_SECONDS", "0")
+    monkeypatch.setattr("rba_store.cli.progress.plain_lines", lambda: True)
+    clock = itertools.count(0.0, step)
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from rba_store.approx.outlook import SelectOutlook, blocks_after, overlaps, unit
 from rba_store.approx.select import SelectOptions
 from rba_store.approx.surgery import SpanMap, Work, WorkTracker
 from rba_store.cli.progress import WorkEta, WorkProgress
+from tests.conftest import plain_progress_on_a_clock
 
 Span = tuple[int, int]
 N_VAL = 16
@@ -122,10 +121,7 @@ def test_a_first_pass_gives_the_eta_until_a_rate_is_measured() -> None:
 def test_the_timing_budgets_count_in_the_share_done(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("RBA_STORE_PROGRESS_SECONDS", "0")
-    monkeypatch.setattr("rba_store.cli.progress.plain_lines", lambda: True)
-    clock = itertools.count(0.0, 10.0)
-    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    plain_progress_on_a_clock(monkeypatch, 10.0)
     with WorkProgress("evaluate:") as progress:
         progress(Work("model 1/2", 50, 100, 0, 20))
         progress(Work("model 2/2", 100, 100, 0, 20))  # all evaluated; 20 s of timing to come

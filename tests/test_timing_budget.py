@@ -20,6 +20,7 @@ from rba_store.approx.surgery import (
     timing_batch,
 )
 from rba_store.cli.progress import LineProgress, WorkEta, WorkProgress, format_rate
+from tests.conftest import plain_progress_on_a_clock
 from tests.test_approx import run_cli
 
 
@@ -147,10 +148,7 @@ def test_slow_rates_are_never_printed_as_zero() -> None:
 def test_progress_lines_never_say_zero_per_second(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("RBA_STORE_PROGRESS_SECONDS", "0")
-    monkeypatch.setattr("rba_store.cli.progress.plain_lines", lambda: True)
-    clock = itertools.count(0.0, 40.0)
-    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    plain_progress_on_a_clock(monkeypatch, 40.0)
     lines = LineProgress("evaluate", 14, "model-batches")
     for _ in range(3):
         lines.advance(1)
@@ -187,10 +185,7 @@ def test_select_reports_an_estimate_of_its_work(small_store: Path, tmp_path: Pat
 def test_select_lines_give_the_step_eta_and_the_estimate(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("RBA_STORE_PROGRESS_SECONDS", "0")
-    monkeypatch.setattr("rba_store.cli.progress.plain_lines", lambda: True)
-    clock = itertools.count(0.0, 10.0)
-    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    plain_progress_on_a_clock(monkeypatch, 10.0)
     assumed = "2-3 steps (4:6 leading), then the test table"
     with WorkProgress("select") as progress:
         for i in range(1, 4):  # 10 s per candidate of 10 units; 20 units left in the step
