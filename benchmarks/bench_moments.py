@@ -270,8 +270,10 @@ def run(ctx: Context) -> Section:
             "shard's (rows, p) matrix, measured in the same run (fastest of 3), ÷ the measured "
             "extra time; near 1, the product is the cost. *moments GFLOP/s*: the joint moments "
             "of one shard alone, as `extract --stats` computes them (float32 points cast into "
-            "the float64 joint rows, centred, one symmetric product per run of points, blocks "
-            "copied out), on random values of the shard's shape; *moments ÷ syrk*: that rate ÷ "
+            "the float64 joint rows, centred, one symmetric product per group of consecutive "
+            "points of at most 1,024 columns, one GEMM per run of points with the same partners "
+            "across groups, blocks copied out), on random values of the shard's shape; *moments "
+            "÷ syrk*: that rate ÷ "
             "`syrk` on the same (rows, p) float64 rows, fastest of 3 each, timed alternately "
             f"(target ≥ {MOMENTS_TARGET}).",
             table(header, rows),
