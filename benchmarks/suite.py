@@ -110,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     sections: list[Section] = []
     seconds: dict[str, float] = {}
+    if args.work is not None:  # a scratch folder that does not exist yet is made
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rba-bench-", dir=args.work) as tmp:
         for name in names:
             print(f"running {name} ({size}) ...", file=sys.stderr, flush=True)

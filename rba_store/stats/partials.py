@@ -59,22 +59,27 @@ def chunk_partials(
     """Partials of one chunk: ``points[k]`` is ``h_k``, shape ``(n, t, c_k)``, any float dtype;
     ``mlp[a - 1]`` block a's MLP output, whose pairs :func:`fold_pairs` join the joint moments.
 
-    Every point is converted to float64 once. Per-sample squared changes between all pairs of
-    points come from one batched Gram product (‖h_b - h_a‖² = ‖h_a‖² + ‖h_b‖² - 2<h_a, h_b>);
+    Every point is converted to float64 once, into the joint rows ``[h0 | ... | hL]``. One
+    batched Gram product of each token row's points gives every token norm, the cosines and, summed
+    per sample, the squared changes between all pairs (‖h_b - h_a‖² = ‖h_a‖² + ‖h_b‖² -
+    2<h_a, h_b>);
     the joint co-moment blocks (for CKA and the fits) of the pairs at most ``band`` apart
     (None: every pair) are products of the centred rows.
     """
     k = len(points)
     n, t = points[0].shape[:2]
     same_shape = len({p.shape for p in points}) == 1
-    if same_shape:
+    z = None
+    if same_shape:  # one cast into the joint rows, one batched Gram product per token row
         c = points[0].shape[2]
-        stacked = np.empty((n, k, t * c))  # (n, k, t*c): every point of a sample side by side
-        for i, p in enumerate(points):
-            stacked[:, i] = p.reshape(n, t * c)
-        gram = stacked @ stacked.transpose(0, 2, 1)  # (n, k, k): <h_a, h_b> per sample
-        hs = [stacked[:, i].reshape(n, t, c) for i in range(k)]
+        z = _joint_rows(points, n, t)  # (n*t, k*c) float64; the joint moments reuse it
+        per_token = z.reshape(n * t, k, c)
+        token_gram = per_token @ per_token.transpose(0, 2, 1)  # (n*t, k, k): <h_a, h_b>
+        gram = token_gram.reshape(n, t, k, k).sum(axis=1)  # (n, k, k): per sample
         sq_norm = [gram[:, i, i] for i in range(k)]
+        token_norms = np.sqrt(np.diagonal(token_gram, axis1=1, axis2=2))  # (n*t, k)
+        dots = [token_gram[:, b - 1, b] for b in range(1, k)]
+        hs: list[np.ndarray] = []
     else:
         hs = [np.asarray(p, dtype=np.float64) for p in points]
         sq_norm = [np.einsum("ntc,ntc->n", h, h) for h in hs]
@@ -92,15 +97,20 @@ def chunk_partials(
             sq[a, b] = per_sample.sum()
             rel[a, b] = (per_sample / np.maximum(sq_norm[a], _TINY)).sum()
     cos = np.full(k - 1, np.nan)
-    token_norms = [np.sqrt(np.einsum("ntc,ntc->nt", h, h)) for h in hs]
-    for b in range(1, k):
-        if hs[b].shape == hs[b - 1].shape:
-            dot = np.einsum("ntc,ntc->nt", hs[b - 1], hs[b])
-            norms = token_norms[b - 1] * token_norms[b]
-            cos[b - 1] = (dot / np.maximum(norms, _TINY)).sum()
+    if same_shape:
+        for b in range(1, k):
+            norms = token_norms[:, b - 1] * token_norms[:, b]
+            cos[b - 1] = (dots[b - 1] / np.maximum(norms, _TINY)).sum()
+    else:
+        norms_of = [np.sqrt(np.einsum("ntc,ntc->nt", h, h)) for h in hs]
+        for b in range(1, k):
+            if hs[b].shape == hs[b - 1].shape:
+                dot = np.einsum("ntc,ntc->nt", hs[b - 1], hs[b])
+                norms = norms_of[b - 1] * norms_of[b]
+                cos[b - 1] = (dot / np.maximum(norms, _TINY)).sum()
     norm_sum = np.array([np.sqrt(s).sum() for s in sq_norm])
     mlp_moments = PairMoments.empty()
-    if cka and all(h.shape[1] == t for h in hs):
+    if cka and all(p.shape[1] == t for p in points):
         widths = [p.shape[2] for p in points]
         pairs = band_pairs(k, band)
         if mlp:  # one product per point covers its band and its MLP-output partners
@@ -111,7 +121,7 @@ def chunk_partials(
             )
             moments, mlp_moments = joint.subset(pairs, k), joint.subset(extra)
         else:
-            z = _joint_rows(points, n, t)
+            z = _joint_rows(points, n, t) if z is None else z
             moments = PairMoments.from_rows(z, widths, pairs, xp, overwrite=True)
     else:  # CKA skipped, or impossible: it needs token rows shared by all points
         moments = PairMoments.empty()
