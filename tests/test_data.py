@@ -96,9 +96,9 @@ def test_npz_arrays_are_mapped_not_read_whole(tmp_path: Path, save: object) -> N
     np.testing.assert_array_equal(source.x, x)
     np.testing.assert_array_equal(source.load(3, 5, identity).numpy(), x[3:5])
     assert source.labels.tolist() == list(range(7))
-    from rba_store.extract.npz import npz_array
+    from rba_store.extract.npz import npz_arrays
 
-    np.testing.assert_array_equal(npz_array(path, "inputs"), fortran)  # Fortran order kept
+    np.testing.assert_array_equal(npz_arrays(path, ["inputs"])[1]["inputs"], fortran)
     with pytest.raises(DataSourceError, match="array of Python objects"):
         open_source(str(path), "val")
 

@@ -322,10 +322,8 @@ def _warn_disk(layout: Any, out: Path, samples: int) -> None:
     """Warn, before any work, when the activations still to write exceed the free disk."""
     from rba_store.extract.dry_run import free_disk
     from rba_store.store.info import size_text
-    from rba_store.store.layout import storage_dtype
 
-    values = sum(p.n_tokens * p.n_channels for p in layout.all_points)
-    needed = samples * values * storage_dtype(layout.dtype).itemsize
+    needed = samples * layout.sample_bytes()
     free, where = free_disk(out)
     if free is not None and needed > free:
         typer.echo(

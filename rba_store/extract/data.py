@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from rba_store.errors import DataSourceError, NotFoundError, UnknownSplitError, UsageError
-from rba_store.extract.npz import npz_array, npz_members
+from rba_store.extract.npz import npz_arrays
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DIGITS_SEED = 0
@@ -263,8 +263,7 @@ class NpzSource(DataSource):
             )
         x_key, y_key = ("x", "y") if split is None else (f"x_{split}", f"y_{split}")
         try:  # only x and y, and memory-mapped where stored uncompressed (extract/npz.py)
-            names = npz_members(path)
-            arrays = {k: npz_array(path, k) for k in (x_key, y_key) if k in names}
+            names, arrays = npz_arrays(path, (x_key, y_key))
         except ValueError as e:
             if "pickle" in str(e):  # numpy's advice is to unpickle, which is unsafe: never
                 raise DataSourceError(

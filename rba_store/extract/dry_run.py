@@ -286,7 +286,7 @@ def dry_run(
     batch = min(options.batch_size, layout.shard_samples)
     points = layout.all_points
     itemsize = storage_dtype(layout.dtype).itemsize
-    per_sample = sum(p.n_tokens * p.n_channels for p in points) * itemsize
+    per_sample = layout.sample_bytes()
     f32_per_sample = sum(p.n_tokens * p.n_channels for p in points) * 4
     sample = measure_sample(plan, sample_size(plan), compress=measure) if measure else None
     ratio = sample.ratio if sample else None

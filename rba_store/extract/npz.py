@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +19,26 @@ import numpy as np
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip member's local file header (30 bytes)
 
 
-def npz_members(path: Path) -> list[str]:
-    """The names of the arrays in the archive (without ``.npy``)."""
-    with zipfile.ZipFile(path) as archive:
-        return [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
-
-
-def npz_array(path: Path, name: str) -> np.ndarray:
-    """Array ``name``: memory-mapped (read-only) when stored uncompressed, else read whole.
+def npz_arrays(path: Path, names: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The names of the archive's arrays (without ``.npy``), and those of ``names`` it holds:
+    memory-mapped (read-only) when stored uncompressed, else read whole.
 
     Raises ``ValueError`` for an array of Python objects (as ``numpy.load(allow_pickle=False)``).
     """
     with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo(f"{name}.npy")
-        if info.compress_type != zipfile.ZIP_STORED:
-            with archive.open(info) as member:
-                return np.lib.format.read_array(member, allow_pickle=False)
+        members = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
+        arrays = {
+            name: _array(archive, path, archive.getinfo(f"{name}.npy"))
+            for name in names
+            if name in members
+        }
+    return members, arrays
+
+
+def _array(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo) -> np.ndarray:
+    if info.compress_type != zipfile.ZIP_STORED:
+        with archive.open(info) as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
     with open(path, "rb") as f:
         f.seek(info.header_offset)
         header = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))

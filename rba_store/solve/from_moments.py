@@ -6,6 +6,7 @@ moments of a store that keeps the MLP outputs (``extract --mlp-outputs``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -107,8 +108,18 @@ def relabelled(moments: PairMoments, labels: tuple[int, ...]) -> PairMoments:
     widths = [0] * (max(labels) + 1)
     for i, k in enumerate(labels):
         widths[k] = moments.widths[i]
-    pairs = tuple((labels[a], labels[b]) for a, b in moments.pairs)
+    pairs = by_block(moments.pairs, labels)
     return PairMoments(moments.n, moments.mean, tuple(widths), pairs, moments.blocks)
+
+
+def by_block(
+    pairs: Sequence[tuple[int, int]], labels: tuple[int, ...]
+) -> tuple[tuple[int, int], ...]:
+    """Pairs of saved points as pairs of block indices (``labels``: the k of each; empty: the
+    same numbers)."""
+    if not labels:
+        return tuple(pairs)
+    return tuple((labels[a], labels[b]) for a, b in pairs)
 
 
 def folded_view(main: PairMoments, mlp: PairMoments, span: Span, n_blocks: int) -> PairMoments:
@@ -232,10 +243,9 @@ def saved_moments(
         if pairs is None:
             continue
         labels = tuple(int(k) for k in attrs.get("stored_points", ()))
-        if labels:
-            pairs = tuple((labels[a], labels[b]) for a, b in pairs)
+        pairs = frozenset(by_block(pairs, labels))
         mlp_pairs = frozenset(saved_pairs(ds, True) or ())
-        found = SavedMoments(name, ds, frozenset(pairs), mlp_pairs, labels)
+        found = SavedMoments(name, ds, pairs, mlp_pairs, labels)
         score = sum(found.covers(s, fold and s[0] >= 1) for s in spans or [])
         if best is None or score > best[0]:
             best = (score, found)

@@ -15,7 +15,7 @@ from rba_store.store.layout import (
     SAMPLE_ID,
     TOKEN_POSITIONS,
     WEIGHTS_PATH,
-    points_text,
+    points_label,
 )
 from rba_store.store.selection import how_to_finish
 
@@ -120,8 +120,7 @@ def format_info(info: dict[str, Any]) -> str:
     weights = model["weights"]
     stored = info.get("stored_points") or list(range(info["n_blocks"] + 1))
     h0 = info["arrays"].get(f"h{stored[0]}")
-    every = f"h0..h{info['n_blocks']}"
-    label = every if len(stored) == info["n_blocks"] + 1 else f"{points_text(stored)} of {every}"
+    label = points_label(stored, info["n_blocks"])
     ratio = info["compression_ratio"]
     lines = [
         f"store      {info['path']} (format v{info['format_version']}, "

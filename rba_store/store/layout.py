@@ -164,8 +164,7 @@ class StoreLayout:
 
     def points_label(self) -> str:
         """``h0..h12``, or with ``extract --points`` the stored ones: ``h0, h4, h12 of h0..h12``."""
-        every = f"h0..h{self.n_blocks}"
-        return f"{points_text(self.stored_blocks)} of {every}" if self.some_points else every
+        return points_label(self.stored_blocks, self.n_blocks)
 
     @property
     def stored_indices(self) -> tuple[int, ...]:
@@ -199,9 +198,9 @@ class StoreLayout:
         return start, min(start + self.shard_samples, self.n_samples)
 
     def sample_bytes(self) -> int:
-        """Bytes of one sample over all capture points (uncompressed)."""
+        """Bytes of one sample over all stored arrays (MLP outputs too), uncompressed."""
         itemsize = storage_dtype(self.dtype).itemsize
-        return sum(p.n_tokens * p.n_channels for p in self.points) * itemsize
+        return sum(p.n_tokens * p.n_channels for p in self.all_points) * itemsize
 
     def to_attrs(self) -> dict[str, Any]:
         attrs: dict[str, Any] = {
@@ -255,6 +254,12 @@ class StoreLayout:
 def points_text(blocks: Sequence[int]) -> str:
     """``h0, h4, h8, h12``: the stored points, for messages."""
     return ", ".join(f"h{k}" for k in blocks)
+
+
+def points_label(blocks: Sequence[int], n_blocks: int) -> str:
+    """``h0..h12`` when ``blocks`` are all of them, else ``h0, h4, h12 of h0..h12``."""
+    every = f"h0..h{n_blocks}"
+    return every if len(blocks) == n_blocks + 1 else f"{points_text(blocks)} of {every}"
 
 
 def plan_layout(
