@@ -55,7 +55,7 @@ def write_store(
     tokens: int = 197,
     n_points: int = 2,
     dtype: str = "float32",
-    codec: str = "blosc-zstd",
+    codec: str = rs.DEFAULT_CODEC,
     seed: int = 0,
     shard_samples: int | None = None,
     chunk_samples: int | None = None,

@@ -11,9 +11,9 @@ against the forward pass alone is the stricter one. Both carry the target (at mo
 
 Models: the embedded default (its own digits) and timm's ``vit_tiny_patch16_224`` and
 ``vit_small_patch16_224`` with random weights (no network) on digits resized to 224 px, with
-blosc-zstd and without compression. The uncompressed store of each model is then re-encoded with
-every codec (``benchmarks._codecs``). ``full`` adds a float16 case and a serial breakdown of one
-extraction per case (``benchmarks._extract_profile``).
+the default codec (blosc-lz4) and without compression. The uncompressed store of each model is
+then re-encoded with every codec (``benchmarks._codecs``). ``full`` adds a float16 case and a
+serial breakdown of one extraction per case (``benchmarks._extract_profile``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from benchmarks._plots import bar_plot
 from benchmarks._results import Context, Figures, Section, at_most, fmt, table
 from rba_store import store as rs
 from rba_store.extract import ExtractOptions, plan_extraction
+from rba_store.store import DEFAULT_CODEC
 
 TARGET_RATIO = 1.15
 VIT_TINY = "vit_tiny_patch16_224"
 VIT_SMALL = "vit_small_patch16_224"
-CODECS = ("blosc-zstd", "none")
+CODECS = (DEFAULT_CODEC, "none")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Case:
     model: str | None
     limit: int | None
     batch_size: int
-    codec: str = "blosc-zstd"
+    codec: str = DEFAULT_CODEC
     dtype: str = "float32"
 
     @property
@@ -71,7 +72,7 @@ def make_cases(ctx: Context) -> list[Case]:
     if ctx.size != "smoke":  # smoke: vit_tiny runs the same code paths, at a fifth of the cost
         cases += [Case("vit_small", VIT_SMALL, small, batch, c) for c in CODECS]
     if ctx.size == "full":
-        cases.append(Case("vit_tiny", VIT_TINY, tiny, batch, "blosc-zstd", "float16"))
+        cases.append(Case("vit_tiny", VIT_TINY, tiny, batch, DEFAULT_CODEC, "float16"))
     return cases
 
 

@@ -1,7 +1,7 @@
 """GPU (only when CuPy sees a CUDA device): the CuPy solver against the GPU's own float64 GEMM
 rate, host-to-device transfer overlap, and ``torch.linalg.lstsq`` on the GPU.
 
-For each width D, a synthetic store (197 tokens, float32, blosc-zstd) is fitted for span 0:1, each
+For each width D, a synthetic store (197 tokens, float32, blosc-lz4) is fitted for span 0:1, each
 measurement in a fresh child process:
   - fit:       ``fit_spans(..., backend="cupy")`` end to end (after an untimed fit of one shard);
   - gemm:      XᵀX and XᵀY in float64 on the same rows already on the GPU (fastest of 3);

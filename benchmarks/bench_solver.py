@@ -1,7 +1,7 @@
 """Solver: ``fit`` throughput from a compressed store vs the machine's own product rate, side by
 side with the in-memory alternatives (torch / numpy lstsq, scikit-learn).
 
-For each width D, a synthetic ViT-like store (197 tokens, float32, blosc-zstd) is fitted for span
+For each width D, a synthetic ViT-like store (197 tokens, float32, blosc-lz4) is fitted for span
 0:1 (all tokens as rows): at least 200,000 rows in the quick size, 1,000,000 in the full size,
 where users run it (at 25k rows the fixed costs of a fit outweigh its products). Every method runs
 in a fresh child process (its own peak RSS):
@@ -400,7 +400,7 @@ def run(ctx: Context) -> Section:
     markdown = "\n\n".join(
         [
             "**What is measured:** `fit` of span 0:1 (all 197 tokens per sample as rows, "
-            "float64, NumPy backend) from a compressed synthetic store (float32, blosc-zstd; "
+            "float64, NumPy backend) from a compressed synthetic store (float32, blosc-lz4; "
             f"{rows[0]['rows']:,} rows in this size), end to end (open, read, decompress, cast, "
             "centre, accumulate, solve, save), in a child process that has first fitted one "
             "shard untimed: that untimed fit, with rba-store's imports, is the *fresh-process* "

@@ -5,7 +5,7 @@ For stores of N and 4N samples (N, 2N, 4N, 8N with ``full``) it times, in this p
            layout (one Dask task per shard, ``on_shard``), doing nothing else;
   - stats: ``compute_block_stats`` (BR, relative change, cosine, norms and the exact CKA);
   - stats without CKA (``cka=False``, the CLI's ``--no-cka``).
-Stores: the embedded default model (13 points x 17 tokens x 64 channels, float32, blosc-zstd) on
+Stores: the embedded default model (13 points x 17 tokens x 64 channels, float32, blosc-lz4) on
 digit inputs tiled with a little noise; ``smoke`` uses a synthetic store of the same shape so that
 it needs no trained weights. The machine's float64 ``syrk`` rate on the CKA's product explains
 the ratio: the product alone (the FLOPs a user needs, one triangle: rows·p·(p+1)), at that rate,
@@ -170,7 +170,7 @@ def run(ctx: Context) -> Section:
             "**What is measured:** all block statistics (`compute_block_stats`: BR, relative "
             "change, cosine, norms, exact CKA) ÷ reading and decompressing the same arrays with "
             f"the same task layout, on {store_kind} the embedded default model (13 points x 17 "
-            f"tokens x 64 channels, float32, blosc-zstd); median of {repeats}. Targets: "
+            f"tokens x 64 channels, float32, blosc-lz4); median of {repeats}. Targets: "
             f"≤ {TARGET_RATIO_CKA:g} with CKA (issue 22), ≤ {TARGET_RATIO:g} without (issue 3). "
             "The machine's float64 `syrk` rate on the CKA's product (one shard's rows by p = "
             "832), counted as the FLOPs a user needs (rows·p·(p+1), one triangle), measured in "

@@ -1,6 +1,6 @@
 """Would reading the next shard while multiplying this one speed up ``fit``? (issue 22, item 3)
 
-A synthetic store (197 tokens x D = 768, float32, blosc-zstd, about 100k rows) is fitted for
+A synthetic store (197 tokens x D = 768, float32, blosc-lz4, about 100k rows) is fitted for
 span 0:1 four ways, alternating, ``--repeats`` times each (medians):
   - fit:        ``fit_spans`` as it is: one Dask task per shard, as many at once as cores, each
                 reading then multiplying with ``cores // tasks`` BLAS threads;

@@ -104,7 +104,7 @@ BAD = [
     (None, ["select", S, "--out", f"{T}/folder"], 2, "is a folder; pass a file path"),
     (None, ["extract", "--out", S, "--num-workers", "0"], 2, "--num-workers 0 is invalid"),
     (None, ["extract", "--out", S, "--num-workers", "2", "--worker-index", "2"], 2, "pass 0..1"),
-    (None, ["extract", "--out", S, "--clevel", "12"], 2, "out of range for --codec blosc-zstd"),
+    (None, ["extract", "--out", S, "--clevel", "12"], 2, "out of range for --codec blosc-lz4"),
     (None, ["extract", "--out", S, "--chunk-mb", "0"], 2, "--chunk-mb 0.0 is invalid"),
     ("full-disk", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], 1, "no space left"),
     ("read-only", ["extract", "--out", f"{T}/new.zarr", "--limit", "20"], 1, "is read-only"),

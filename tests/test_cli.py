@@ -46,6 +46,7 @@ def test_extract_then_info(
     assert info["arrays"]["h0"]["dims"] == ["sample", "token", "channel"]
     assert info["bytes_stored"] > 0 and info["compression_ratio"] > 1.0
     assert info["model"]["weights"]["source"] == "embedded"
+    assert zarr.open_group(out, mode="r")["h3"].metadata.codecs[0].codecs[1].cname.value == "lz4"
     code, stdout, _ = run_cli(capsys, "info", out)
     assert "complete   yes: 1/1 shards" in stdout and "ratio" in stdout
     code, stdout, _ = run_cli(capsys, "extract", "--limit", "30", "--out", out)

@@ -79,7 +79,7 @@ def extract(
         ),
     ] = None,
     dtype: Annotated[DType, typer.Option(help="Stored dtype.")] = DType.float32,
-    codec: Annotated[Codec, typer.Option(help="Compression codec (lossless).")] = Codec.blosc_zstd,
+    codec: Annotated[Codec, typer.Option(help="Compression codec (lossless).")] = Codec.blosc_lz4,
     clevel: Annotated[int, typer.Option(help="Compression level.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")] = "cpu",

@@ -28,6 +28,7 @@ from rba_store.store import (
     normalize,
     plan_layout,
 )
+from rba_store.store.layout import DEFAULT_CODEC
 from rba_store.store.points import parse_points
 from rba_store.store.selection import split_holdout
 
@@ -46,7 +47,7 @@ class ExtractOptions:
     limit: int | None = None
     tokens: str = "all"
     dtype: str = "float32"
-    codec: str = "blosc-zstd"
+    codec: str = DEFAULT_CODEC
     clevel: int = 3
     batch_size: int = 64
     device: str = "cpu"

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from rba_store.host_rows import centre_columns
 from rba_store.solve._backend import to_numpy
 from rba_store.solve.symmetric import symmetric_product
 
@@ -29,6 +30,21 @@ from rba_store.solve.symmetric import symmetric_product
 # columns together (its temporary result: 8 MiB at 1024); consecutive points with the same
 # partners share one GEMM up to this many columns (its result: this many rows).
 GROUP_COLUMNS = 1024
+
+
+def centred_rows(z_rp: Any, xp: ModuleType, overwrite: bool) -> tuple[Any, Any]:
+    """Rows ``z_rp`` minus their column means, in float64 where ``xp`` computes, and the means.
+    ``overwrite``: a float64 ``z_rp`` may be centred in place (a cast or a move to the device
+    is a copy already). On the host both passes run on the BLAS threads
+    (:func:`~rba_store.host_rows.centre_columns`)."""
+    z = xp.asarray(z_rp, dtype=xp.float64)
+    if z is z_rp and not overwrite:
+        z = z.copy()
+    if xp is np:
+        return z, centre_columns(z)
+    mean = z.mean(axis=0)
+    z -= mean
+    return z, mean
 
 
 @dataclass
@@ -49,14 +65,8 @@ class Moments:
         """The moments of rows ``z_rp``; the (p, p) symmetric product runs where ``xp`` (NumPy
         or CuPy) computes, in float64, and the result comes back to the host. ``overwrite``:
         ``z_rp`` (float64) may be centred in place rather than copied."""
-        z = xp.asarray(z_rp, dtype=xp.float64)
-        mean = z.mean(axis=0)
-        if overwrite or z is not z_rp:  # a copy already (cast, or moved to the device)
-            z -= mean
-            zc = z
-        else:
-            zc = z - mean
-        return cls(len(z), to_numpy(mean), to_numpy(symmetric_product(zc, xp)))
+        zc, mean = centred_rows(z_rp, xp, overwrite)
+        return cls(len(zc), to_numpy(mean), to_numpy(symmetric_product(zc, xp)))
 
     def merge(self, other: Moments) -> Moments:
         """Chan et al.: exact combination of two disjoint sets of rows."""
@@ -167,13 +177,7 @@ class PairMoments:
         earlier group's points when every pair is kept, :func:`_shared_partners`) with each
         contiguous run of those partners' columns. ``overwrite``: ``z_rp`` (float64) may be
         centred in place rather than copied."""
-        z = xp.asarray(z_rp, dtype=xp.float64)
-        mean = z.mean(axis=0)
-        if overwrite or z is not z_rp:  # a copy already (cast, or moved to the device)
-            z -= mean
-            zc = z
-        else:
-            zc = z - mean
+        zc, mean = centred_rows(z_rp, xp, overwrite)
         widths = tuple(int(w) for w in widths)
         pairs = tuple(sorted(set(pairs)))
         cols = point_columns(widths)
@@ -197,7 +201,7 @@ class PairMoments:
                         blocks[index[(a, b)], : widths[a], : widths[b]] = product[
                             rows, cols[b].start - start : cols[b].stop - start
                         ]
-        return cls(len(z), to_numpy(mean), widths, pairs, blocks)
+        return cls(len(zc), to_numpy(mean), widths, pairs, blocks)
 
     @classmethod
     def from_moments(

@@ -10,6 +10,7 @@ from types import ModuleType
 
 import numpy as np
 
+from rba_store.host_rows import ROW_BLOCK, over_row_blocks
 from rba_store.stats.moments import Pair, PairMoments, band_pairs, fold_pairs
 from rba_store.workspace import float64_buffer
 
@@ -134,10 +135,13 @@ def _joint_rows(points: Sequence[np.ndarray], n: int, t: int) -> np.ndarray:
     widths = [p.shape[2] for p in points]
     z = float64_buffer((n * t, sum(widths)), "joint-rows")
     per_token = z.reshape(n, t, -1)
-    start = 0
-    for p, width in zip(points, widths, strict=True):
-        per_token[:, :, start : start + width] = p
-        start += width
+    edges = np.cumsum([0, *widths])
+
+    def cast(first: int, last: int) -> None:  # samples first:last of every point
+        for p, start, stop in zip(points, edges[:-1], edges[1:], strict=False):
+            per_token[first:last, :, start:stop] = p[first:last]
+
+    over_row_blocks(cast, n, block=max(1, ROW_BLOCK // t))
     return z
 
 

@@ -6,6 +6,7 @@ from rba_store.store.fingerprint import fingerprint, normalize, normalize_json
 from rba_store.store.handle import Store
 from rba_store.store.layout import (
     CODECS,
+    DEFAULT_CODEC,
     DTYPES,
     FEATURES,
     FORMAT_VERSION,
@@ -28,6 +29,7 @@ from rba_store.store.selection import SampleSelection
 
 __all__ = [
     "CODECS",
+    "DEFAULT_CODEC",
     "DTYPES",
     "FEATURES",
     "FITS",

@@ -46,6 +46,9 @@ SAMPLE_DIM = "sample"
 SAMPLE_ID_DIMS = (SAMPLE_DIM, "byte")
 DEFAULT_SAMPLE_ID_BYTES = 256  # the width when the ids are not known when the layout is planned
 CODECS = ("blosc-zstd", "zstd", "blosc-lz4", "none")
+# blosc-lz4 with bit-shuffle stores activations about as small as blosc-zstd and encodes and
+# decodes faster (every codec on the same activations: benchmarks/RESULTS.md, extraction).
+DEFAULT_CODEC = "blosc-lz4"
 DTYPES = ("float32", "float16", "bfloat16")
 # bfloat16 is no core Zarr v3 data type (zarr-python 3.1 has none): a bfloat16 store keeps the
 # values' 16 bits as uint16 (the top half of the float32 with the same value, rounded to nearest
@@ -120,7 +123,7 @@ class StoreLayout:
     dtype: str
     chunk_samples: int
     shard_samples: int
-    codec: str = "blosc-zstd"
+    codec: str = DEFAULT_CODEC
     clevel: int = 3
     # Width of the sample_id array in bytes; None for stores that keep ids as zarr-python strings.
     sample_id_bytes: int | None = DEFAULT_SAMPLE_ID_BYTES
@@ -268,7 +271,7 @@ def plan_layout(
     n_features: int,
     dtype: str = "float32",
     *,
-    codec: str = "blosc-zstd",
+    codec: str = DEFAULT_CODEC,
     clevel: int = 3,
     chunk_mb: float = 4.0,
     shard_mb: float = 16.0,
