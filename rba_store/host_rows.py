@@ -14,6 +14,7 @@ in block order: results do not depend on how many threads ran them.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,15 @@ ROW_BLOCK = 4096  # rows per block: a few MB of float64, several blocks per thre
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _blas: Any = None
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool when needed."""
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def blas_threads() -> int:

@@ -59,3 +59,18 @@ def test_joint_moments_on_two_threads_equal_the_direct_product():
     np.testing.assert_allclose(one.mean, z.mean(axis=0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(two.block(0, 1), zc[:, :5].T @ zc[:, 5:13], rtol=1e-10)
     np.testing.assert_allclose(two.block(2, 2), zc[:, 13:].T @ zc[:, 13:], rtol=1e-10)
+
+
+def test_a_forked_child_gets_its_own_pool():
+    import multiprocessing
+
+    with threadpool_limits(2, user_api="blas"):
+        over_row_blocks(lambda s, e: s, 9, 4)  # the parent's pool exists
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1) as pool:
+            assert pool.apply(_blocks_in_child) == [0, 4, 8]
+
+
+def _blocks_in_child() -> list[int]:
+    with threadpool_limits(2, user_api="blas"):
+        return over_row_blocks(lambda s, e: s, 9, 4)

@@ -44,6 +44,17 @@ def _centred_float64(a: Any, xp: ModuleType, slot: str) -> tuple[Any, Any]:
     return a64, mean
 
 
+def _sum_plus_outer(a: Any, b: Any, u: Any, v: Any, xp: ModuleType) -> Any:
+    """``a + b + u vᵀ`` in one new array (on the host the outer product goes through this
+    thread's scratch buffer): a merge allocates its result only, not three D x D temporaries."""
+    out = a + b
+    if xp is np:
+        out += np.outer(u, v, out=float64_buffer(out.shape, "merge-outer"))
+    else:
+        out += xp.outer(u, v)
+    return out
+
+
 @dataclass
 class NormalEquations:
     """Row count, means and centred products of rows ``x`` (r, i) and ``y`` (r, o), in float64.
@@ -94,8 +105,8 @@ class NormalEquations:
             n=n,
             mean_x=self.mean_x + dx * (other.n / n),
             mean_y=self.mean_y + dy * (other.n / n),
-            sxx=self.sxx + other.sxx + xp.outer(dx, dx) * weight,
-            sxy=self.sxy + other.sxy + xp.outer(dx, dy) * weight,
+            sxx=_sum_plus_outer(self.sxx, other.sxx, dx * weight, dx, xp),
+            sxy=_sum_plus_outer(self.sxy, other.sxy, dx * weight, dy, xp),
             syy=self.syy + other.syy + dy * dy * weight,
         )
 
