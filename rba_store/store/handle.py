@@ -44,6 +44,7 @@ from rba_store.store.layout import (
     dims_of,
     storage_dtype,
 )
+from rba_store.store.shard_files import ShardFiles
 
 MODES = ("r", "r+")
 
@@ -58,6 +59,7 @@ class Store:
         self.description: dict[str, Any] = dict(group.attrs[ATTRS_KEY])
         self.layout = StoreLayout.from_attrs(self.description["layout"])
         self._arrays: dict[str, zarr.Array] = {}
+        self._files: dict[str, ShardFiles | None] = {}
         self._writable: Store | None = self if mode == "r+" else None
 
     # -- opening, creating, removing ------------------------------------------------------------
@@ -296,7 +298,17 @@ class Store:
         """``h_k[start:stop]`` for every k in ``points`` (joint numbering: ``m_a`` is ``L + a``)."""
         self._require_activations()
         dtype = self.layout.dtype
-        return [decode_values(self.point(k)[start:stop], dtype) for k in points]
+        return [decode_values(self._read(k, start, stop), dtype) for k in points]
+
+    def _read(self, k: int, start: int, stop: int) -> np.ndarray:
+        """``h_k[start:stop]`` as stored: straight from the shard files where they are laid out
+        as rba-store writes them (:class:`ShardFiles`), else through zarr-python."""
+        array = self.point(k)
+        name = self.layout.array_name(k)
+        if name not in self._files:
+            self._files[name] = ShardFiles.of(array)
+        files = self._files[name]
+        return array[start:stop] if files is None else files.read(start, stop)
 
     def _require_activations(self) -> None:
         if not self.holds_activations:
