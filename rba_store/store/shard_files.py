@@ -6,8 +6,8 @@ and copies it into the result. For the arrays rba-store writes (sharded along sa
 ``bytes`` then ``blosc``, ``zstd`` or nothing; the index at the end, with its CRC32C) on a local
 folder, :class:`ShardFiles` does the same work in the calling thread: it reads each shard file
 once into a reused buffer, checks the index's checksum, and decodes each inner chunk with
-numcodecs straight into the result. A fit of 200k rows at D = 768 reads in about two thirds of
-the time and takes 15 % less time overall (benchmarks/RESULTS.md, solver).
+numcodecs straight into the result. A fit of 200k rows at D = 768 took 4.11 s this way against
+4.72 s through zarr-python (benchmarks/RESULTS.md, 2026-12-03).
 
 Anything else (another kind of store, codec or chunk layout, a shard whose index fails its
 checksum) goes through zarr-python, which stays the reference: the tests compare both bit for
