@@ -57,6 +57,8 @@ class ShardFiles:
             return None
         codecs = metadata.codecs
         grid = metadata.chunk_grid
+        if not isinstance(grid, RegularChunkGrid):
+            return None
         if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
             return None
         sharding = codecs[0]
@@ -66,8 +68,7 @@ class ShardFiles:
         shape, dtype = tuple(array.shape), np.dtype(array.dtype)
         shard, chunk = tuple(grid.chunk_shape), tuple(sharding.chunk_shape)
         if (
-            not isinstance(grid, RegularChunkGrid)
-            or dtype.byteorder == ">"
+            dtype.byteorder == ">"
             or not shape
             or shard[1:] != shape[1:]
             or chunk[1:] != shape[1:]
