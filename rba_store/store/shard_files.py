@@ -48,6 +48,7 @@ class ShardFiles:
     shard_samples: int
     chunk_samples: int
     decoder: Any  # a numcodecs codec, or None for chunks stored as plain bytes
+    chunk_keys: Any  # the array's chunk key encoding: where each shard's file is
 
     @classmethod
     def of(cls, array: zarr.Array) -> ShardFiles | None:
@@ -73,12 +74,17 @@ class ShardFiles:
             or shard[1:] != shape[1:]
             or chunk[1:] != shape[1:]
             or shard[0] % chunk[0]
-            or metadata.chunk_key_encoding.encode_chunk_key((0,) * len(shape))
-            != "c/" + "/".join(["0"] * len(shape))
         ):
             return None
         folder = Path(str(array.store.root)) / array.path
-        return cls(folder, array, shape, dtype, array.fill_value, shard[0], chunk[0], decoder)
+        keys = metadata.chunk_key_encoding
+        return cls(folder, array, shape, dtype, array.fill_value, shard[0], chunk[0], decoder, keys)
+
+    def _path(self, shard: int) -> Path:
+        """The file of shard ``shard`` (the array's own chunk key encoding)."""
+        return self.folder / self.chunk_keys.encode_chunk_key(
+            (shard,) + (0,) * (len(self.shape) - 1)
+        )
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Samples ``start:stop`` of the array, as zarr-python reads them."""
@@ -94,9 +100,8 @@ class ShardFiles:
     def _read_shard(self, shard: int, start: int, stop: int, out: np.ndarray) -> bool:
         """Samples ``start:stop`` of shard ``shard`` into ``out``; False where zarr-python
         must read them instead (an index that fails its checksum)."""
-        path = self.folder.joinpath("c", str(shard), *["0"] * (len(self.shape) - 1))
         try:
-            data = _read_file(path)
+            data = _read_file(self._path(shard))
         except FileNotFoundError:  # a shard never written reads as its fill value
             out[...] = self.fill_value
             return True
